@@ -1,0 +1,27 @@
+"""gpunet: neural-network layers with explicit forward and backward passes that run the same
+on NumPy (CPU) and CuPy (NVIDIA GPU).
+
+Importing gpunet imports NumPy only; CuPy is imported the first time a CUDA device is asked for.
+"""
+from . import data, init, models, optim
+from .backend import asarray, available_devices, to_numpy
+from .backend import get_device as device
+from .errors import (CheckpointError, DeviceError, DTypeError, ShapeError, StateError,
+                     TrainingDiverged)
+from .gradcheck import gradcheck
+from .layers import Graph, Layer, Parameter, Sequential
+from .losses import (MSE, BinaryCrossEntropy, BinaryCrossEntropyWithLogits,
+                     NegativeLogProbability, SoftmaxCrossEntropy)
+from .rng import seed
+from .serialize import load, save
+from .trainer import Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "device", "available_devices", "asarray", "to_numpy", "seed", "Layer", "Parameter",
+    "Sequential", "Graph", "save", "load", "gradcheck", "Trainer", "data", "init", "models", "optim",
+    "MSE", "BinaryCrossEntropy", "BinaryCrossEntropyWithLogits", "NegativeLogProbability",
+    "SoftmaxCrossEntropy", "ShapeError", "DTypeError", "DeviceError", "StateError",
+    "CheckpointError", "TrainingDiverged", "__version__",
+]

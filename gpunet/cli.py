@@ -1,0 +1,153 @@
+"""The ``gpunet`` command: ``gpunet train`` and ``gpunet info``."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import platform
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a registered model on a dataset",
+                       description="Train a registered model on a dataset and report its test "
+                                   "metrics. Defaults come from the model's registry entry.")
+    p.add_argument("model", help="registered model name (see `gpunet info`), e.g. mlp")
+    p.add_argument("--data", required=True,
+                   help="dataset: digits (embedded), mnist (with --data-dir), spirals, blobs")
+    p.add_argument("--data-dir", help="directory of the dataset's files (mnist: the four IDX files)")
+    p.add_argument("--epochs", type=int, help="number of epochs (model default)")
+    p.add_argument("--batch-size", type=int, help="mini-batch size (model default)")
+    p.add_argument("--lr", type=float, help="learning rate (model default)")
+    p.add_argument("--optimizer", choices=["sgd", "rmsprop", "adam"],
+                   help="optimizer (model default)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default; $GPUNET_DEVICE overrides auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training set held out for validation (default 0.1)")
+    p.add_argument("--save", metavar="PATH", help="save the trained model (.npz) here")
+    p.add_argument("--checkpoint", metavar="PATH", help="write a checkpoint here after every epoch")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--metrics-out", metavar="FILE", help="write the final metrics as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _split(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    from .data import Dataset
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {fraction}")
+    n_val = int(round(len(train) * fraction))
+    if n_val == 0:
+        return train, None
+    order = np.random.default_rng(seed).permutation(len(train))
+    pick = lambda idx: Dataset(train.x[idx], train.y[idx], name=train.name,
+                               num_classes=train.num_classes)
+    return pick(order[n_val:]), pick(order[:n_val])
+
+
+def train(args: argparse.Namespace) -> int:
+    from . import data, models, optim, rng
+    from .backend import get_device
+    from .errors import TrainingDiverged
+    from .serialize import save
+    from .trainer import Trainer
+
+    spec = models.get(args.model)
+    settings = {**spec.defaults, **{k: getattr(args, k) for k in
+                                    ("epochs", "batch_size", "lr", "optimizer")
+                                    if getattr(args, k) is not None}}
+    device = get_device(args.device)
+    rng.seed(args.seed)
+    loader = data.DATASETS.get(args.data)
+    if loader is None:
+        raise ValueError(f"unknown dataset {args.data!r}; expected one of {sorted(data.DATASETS)}")
+    kwargs = {}
+    params = inspect.signature(loader).parameters
+    if "flat" in params:
+        kwargs["flat"] = False  # models flatten what they need; conv models want images
+    if args.data_dir is not None:
+        kwargs["path"] = args.data_dir
+    train_set, test_set = loader(**kwargs)
+    train_set, val_set = _split(train_set, args.val_fraction, args.seed)
+
+    model = spec.build(train_set.input_shape, train_set.num_classes)
+    opt_cls = optim.OPTIMIZERS[settings["optimizer"]]
+    opt_kwargs = {"momentum": args.momentum} if settings["optimizer"] == "sgd" else {}
+    model.to(device)
+    optimizer = opt_cls(model.params(), lr=settings["lr"], **opt_kwargs)
+    trainer = Trainer(model, spec.loss(), optimizer, progress=not args.no_progress)
+    print(f"gpunet: training {args.model} on {args.data} ({len(train_set)} train, "
+          f"{0 if val_set is None else len(val_set)} validation, {len(test_set)} test) "
+          f"on {device.name}: {settings}", file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        trainer.fit(train_set, settings["epochs"], settings["batch_size"], val=val_set,
+                    checkpoint=args.checkpoint, resume=args.resume, seed=args.seed)
+    except TrainingDiverged as e:
+        print(f"gpunet: {e}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - started
+    scores = trainer.evaluate(test_set)
+    metrics = {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
+               "epochs": settings["epochs"], "seconds": round(seconds, 3), "device": device.name}
+    print(json.dumps(metrics))
+    if args.metrics_out:
+        with open(args.metrics_out, "w") as f:
+            json.dump(metrics, f, indent=2)
+    if args.save:
+        save(model, args.save)
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    from . import __version__, models
+    from .backend import get_device
+    from .errors import DeviceError
+    from .kernels import kernel_files
+
+    print(f"gpunet {__version__}")
+    print(f"python {platform.python_version()} ({platform.machine()})")
+    print(f"numpy {np.__version__}")
+    try:
+        import cupy
+        print(f"cupy {cupy.__version__}")
+    except ImportError as e:
+        print(f"cupy: not importable ({e})")
+    try:
+        device = get_device("auto")
+        print(f"device: {device.name}")
+        if device.type == "cuda":
+            props = device.xp.cuda.runtime.getDeviceProperties(device.index)
+            print(f"gpu: {props['name'].decode()}")
+    except DeviceError as e:
+        print(f"device: unavailable ({e})")
+    files = kernel_files()
+    print(f"kernels: {len(files)} file(s) in {files[0].parent if files else 'kernels/'}")
+    print(f"models: {', '.join(sorted(models.MODELS))}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpunet", description="gpunet: train and inspect "
+                                     "neural networks on NumPy (CPU) or CuPy (NVIDIA GPU).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    sub.add_parser("info", help="versions, the chosen device and what is usable",
+                   description="Print versions, the device 'auto' picks, the GPU name when "
+                               "there is one, and whether CuPy and the kernels are usable.")
+    args = parser.parse_args(argv)
+    try:
+        return {"train": train, "info": info}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"gpunet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

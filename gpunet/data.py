@@ -1,0 +1,337 @@
+"""Datasets and a reproducible mini-batch loader, all on the host in NumPy.
+
+A :class:`Dataset` holds inputs ``x`` (float32, samples on the first axis) and targets ``y``
+(int64 class labels, or float32 regression targets). Every loader here returns a fixed
+``(train, test)`` pair:
+
+- :func:`digits`: the UCI optical-recognition handwritten digits (1797 images of 8x8), shipped
+  inside gpunet so it works offline;
+- :func:`mnist`: MNIST read from the four standard IDX files in a directory you supply
+  (nothing is downloaded);
+- :func:`spirals` and :func:`blobs`: small synthetic classification sets.
+
+Splits use their own fixed seeds, never gpunet's global stream, so the test set is the same
+whatever ``gpunet.seed`` says. :class:`DataLoader` shuffles with an order that depends only on
+``(seed, epoch)``, so a run resumed at epoch ``k`` sees the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import math
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from . import rng
+
+# Seed of the digits train/test split: fixed so the test set never changes.
+_DIGITS_SPLIT_SEED = 0
+
+# IDX type byte -> big-endian element dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_MNIST_SOURCE = ("https://ossci-datasets.s3.amazonaws.com/mnist/ (the mirror torchvision uses) "
+                 "or http://yann.lecun.com/exdb/mnist/")
+
+
+class Dataset:
+    """Inputs ``x`` of shape ``(N, *input_shape)`` (float32) and targets ``y`` of shape
+    ``(N, ...)``: int64 class labels in ``[0, num_classes)``, or float32 targets."""
+
+    def __init__(self, x: Any, y: Any, name: str = "", num_classes: int | None = None) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.asarray(y)
+        y = np.ascontiguousarray(y, dtype=np.int64 if np.issubdtype(y.dtype, np.integer)
+                                 else np.float32)
+        if x.ndim < 1 or y.ndim < 1:
+            raise ValueError(f"dataset {name!r}: x and y need a sample axis, got shapes "
+                             f"{x.shape} and {y.shape}")
+        if len(x) != len(y):
+            raise ValueError(f"dataset {name!r}: x has {len(x)} samples but y has {len(y)}")
+        if num_classes is not None:
+            if y.dtype != np.int64:
+                raise ValueError(f"dataset {name!r}: num_classes={num_classes} needs integer "
+                                 f"labels, got y of dtype {y.dtype}")
+            if y.size and (y.min() < 0 or y.max() >= num_classes):
+                raise ValueError(f"dataset {name!r}: labels must lie in [0, {num_classes}), "
+                                 f"got [{y.min()}, {y.max()}]")
+        self.x = x
+        self.y = y
+        self.name = name
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(x[index], y[index])``; an integer index array gives contiguous copies."""
+        return self.x[index], self.y[index]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, ``x.shape[1:]``."""
+        return self.x.shape[1:]
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, n={len(self)}, input_shape={self.input_shape}, "
+                f"num_classes={self.num_classes})")
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float,
+                      generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train_indices, test_indices)`` for labels of shape ``(N,)``.
+
+    The test set has ``ceil(test_fraction * N)`` samples (scikit-learn's convention), shared
+    among the classes in proportion to their sizes, largest remainders first.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    n = len(labels)
+    # The epsilon keeps 0.3 * 10 == 3.0000000000000004 from rounding up to 4.
+    n_test = math.ceil(test_fraction * n - 1e-9)
+    if not 0 < n_test < n:
+        raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty "
+                         f"train or test set")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    exact = test_fraction * counts
+    quota = np.floor(exact).astype(np.int64)
+    short = n_test - int(quota.sum())
+    quota[np.argsort(quota - exact, kind="stable")[:short]] += 1
+    # Shuffle, then group by class (stable, so each class stays shuffled); a sample goes to
+    # the test set when its rank within its class is below the class's quota.
+    perm = generator.permutation(n)
+    grouped = perm[np.argsort(inverse[perm], kind="stable")]
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(n) - np.repeat(starts, counts)
+    is_test = rank < np.repeat(quota, counts)
+    return np.sort(grouped[~is_test]), np.sort(grouped[is_test])
+
+
+def _split(x: np.ndarray, y: np.ndarray, name: str, num_classes: int, test_fraction: float,
+           generator: np.random.Generator) -> tuple[Dataset, Dataset]:
+    train, test = _stratified_split(y, test_fraction, generator)
+    return (Dataset(x[train], y[train], name, num_classes),
+            Dataset(x[test], y[test], name, num_classes))
+
+
+def _read_digits_csv() -> np.ndarray:
+    """The embedded digits table, int64 of shape (1797, 65): 64 pixels then the label."""
+    resource = importlib.resources.files("gpunet.datasets").joinpath("digits.csv.gz")
+    with resource.open("rb") as raw, gzip.open(raw, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.int64, ndmin=2)
+    if table.shape[1] != 65:
+        raise ValueError(f"digits.csv.gz: expected 65 columns, got {table.shape[1]}")
+    return table
+
+
+def digits(flat: bool = True, test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
+    """The UCI handwritten digits as ``(train, test)``; 360 of the 1797 samples are test.
+
+    ``x`` is float32 in [0, 1] (pixel counts 0..16 divided by 16), of shape ``(N, 64)`` when
+    ``flat`` else ``(N, 1, 8, 8)``; ``y`` is int64 in 0..9. The split is stratified by class
+    and seeded by a constant, so it does not depend on ``gpunet.seed``.
+    """
+    table = _read_digits_csv()
+    x = table[:, :64].astype(np.float32) / np.float32(16.0)
+    if not flat:
+        x = x.reshape(-1, 1, 8, 8)
+    return _split(x, table[:, 64], "digits", 10, test_fraction,
+                  np.random.default_rng(_DIGITS_SPLIT_SEED))
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (the MNIST format), plain or gzip-compressed, as a native-endian array.
+
+    Layout: two zero bytes, a type byte (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64), a byte giving ndim, ndim big-endian uint32 sizes, then the
+    big-endian data in C order. Raises ValueError naming the file when it is malformed.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    # Detect compression by content: downloaded files are often renamed or unpacked.
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})")
+    dtype = _IDX_DTYPES[data[2]]
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, need {header})")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    expected = header + math.prod(shape) * dtype.itemsize
+    if len(data) < expected:
+        raise ValueError(f"{path}: truncated IDX data ({len(data)} bytes, shape {shape} "
+                         f"needs {expected})")
+    if len(data) > expected:
+        raise ValueError(f"{path}: {len(data) - expected} trailing bytes after IDX data of "
+                         f"shape {shape}")
+    flat = np.frombuffer(data, dtype, math.prod(shape), header)
+    return flat.astype(dtype.newbyteorder("=")).reshape(shape)
+
+
+def _find_mnist_file(directory: Path, stem: str) -> Path:
+    for candidate in (directory / stem, directory / (stem + ".gz")):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"MNIST file {stem} (or {stem}.gz) not found in {directory}; "
+                            f"gpunet does not download it: get the four IDX files from "
+                            f"{_MNIST_SOURCE}")
+
+
+def _mnist_pair(directory: Path, images_stem: str, labels_stem: str, flat: bool,
+                name: str) -> Dataset:
+    images_path = _find_mnist_file(directory, images_stem)
+    labels_path = _find_mnist_file(directory, labels_stem)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise ValueError(f"{images_path} and {labels_path}: expected images (N, H, W) and "
+                         f"labels (N,), got shapes {images.shape} and {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has "
+                         f"{len(labels)} labels")
+    x = images.astype(np.float32) / np.float32(255.0)
+    x = x.reshape(len(x), -1) if flat else x[:, None]
+    return Dataset(x, labels.astype(np.int64), name, 10)
+
+
+def mnist(path: str | os.PathLike, flat: bool = True) -> tuple[Dataset, Dataset]:
+    """MNIST from the four standard IDX files (each optionally ``.gz``) in directory ``path``.
+
+    Returns ``(train, test)``, 60000 and 10000 samples for the real set; ``x`` is float32 in
+    [0, 1] of shape ``(N, 784)`` when ``flat`` else ``(N, 1, 28, 28)``, ``y`` int64 in 0..9.
+    Raises FileNotFoundError naming the missing file; nothing is downloaded.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"MNIST directory {directory} does not exist; gpunet does not "
+                                f"download MNIST: put the four IDX files from {_MNIST_SOURCE} "
+                                f"there")
+    f = _MNIST_FILES
+    return (_mnist_pair(directory, f["train_images"], f["train_labels"], flat, "mnist"),
+            _mnist_pair(directory, f["test_images"], f["test_labels"], flat, "mnist"))
+
+
+def _check_synthetic(n: int, classes: int) -> None:
+    if classes < 1:
+        raise ValueError(f"classes must be at least 1, got {classes}")
+    if n < 2 * classes:
+        raise ValueError(f"n must be at least 2 * classes = {2 * classes}, got {n}")
+
+
+def spirals(n: int = 600, classes: int = 3, noise: float = 0.2,
+            seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``classes`` interleaved 2-D spiral arms, ``n`` points in all, as an 80/20 ``(train,
+    test)`` split; ``x`` float32 of shape ``(N, 2)`` within [-1, 1], ``y`` int64.
+
+    A point at radius ``t`` in [0, 1] on arm ``c`` has angle ``2*pi*c/classes + 4*t`` plus
+    Gaussian noise of standard deviation ``noise`` (radians), as in CS231n's spiral set.
+    """
+    _check_synthetic(n, classes)
+    if noise < 0:
+        raise ValueError(f"noise must be non-negative, got {noise}")
+    generator = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    t = generator.uniform(0.0, 1.0, n)
+    angle = 2 * np.pi * y / classes + 4.0 * t + generator.normal(0.0, noise, n)
+    x = np.stack([t * np.sin(angle), t * np.cos(angle)], axis=1)
+    return _split(x, y, "spirals", classes, 0.2, generator)
+
+
+def blobs(n: int = 600, classes: int = 4, features: int = 2,
+          seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Isotropic Gaussian clusters as an 80/20 ``(train, test)`` split.
+
+    Like scikit-learn's ``make_blobs``: centres uniform in [-10, 10]^features, unit standard
+    deviation, ``n`` points shared evenly among ``classes``. ``x`` is float32 of shape
+    ``(N, features)``, ``y`` int64 in ``[0, classes)``.
+    """
+    _check_synthetic(n, classes)
+    if features < 1:
+        raise ValueError(f"features must be at least 1, got {features}")
+    generator = np.random.default_rng(seed)
+    centres = generator.uniform(-10.0, 10.0, (classes, features))
+    y = np.arange(n) % classes
+    x = centres[y] + generator.normal(0.0, 1.0, (n, features))
+    return _split(x, y, "blobs", classes, 0.2, generator)
+
+
+DATASETS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
+    "digits": digits,
+    "mnist": mnist,
+    "spirals": spirals,
+    "blobs": blobs,
+}
+
+
+def load(name: str, **kwargs: Any) -> tuple[Dataset, Dataset]:
+    """``(train, test)`` of the dataset registered as ``name`` in :data:`DATASETS`."""
+    try:
+        factory = DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") \
+            from None
+    return factory(**kwargs)
+
+
+class DataLoader:
+    """Mini-batches ``(xb, yb)`` of a dataset, ``xb`` of shape ``(batch_size, *input_shape)``
+    (the last batch may be smaller unless ``drop_last``).
+
+    With ``shuffle`` the order is ``default_rng([seed, epoch]).permutation(N)``: it depends
+    only on ``seed`` and the epoch set by :meth:`set_epoch`, which iteration never advances.
+    ``seed=None`` draws the seed from gpunet's stream once, here, so ``gpunet.seed(n)`` makes
+    the shuffling reproducible.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 32, shuffle: bool = True,
+                 drop_last: bool = False, seed: int | None = None) -> None:
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if seed is None:
+            seed = int(rng.generator().integers(2**63))
+        elif seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration uses."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        n = len(self.dataset)
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.dataset[order[start:start + self.batch_size]]

@@ -1,0 +1,230 @@
+"""Losses: a scalar from a prediction and a target, and its gradient with respect to the
+prediction.
+
+``loss.forward(pred, target)`` (or ``loss(pred, target)``) returns the loss as a Python float
+and keeps what ``loss.backward()`` needs; ``backward()`` returns ``dloss/dpred`` with the
+shape, dtype and device of ``pred``, ready for ``model.backward``. Every loss is a sum of
+terms, one per position; ``reduction="mean"`` divides it by the number of positions,
+``reduction="sum"`` keeps it.
+
+- :class:`MSE`: ``(pred - target)^2`` per element.
+- :class:`BinaryCrossEntropy` (alias :data:`NegativeLogProbability`):
+  ``-(t log p + (1 - t) log(1 - p))`` per element, on probabilities ``p``.
+- :class:`BinaryCrossEntropyWithLogits`: the same on logits ``x``, ``p = sigmoid(x)``,
+  computed without overflow.
+- :class:`SoftmaxCrossEntropy`: ``-sum_c t_c log softmax(x)_c`` per position of logits
+  ``(..., C)``; targets are integer labels ``(...)`` or class probabilities ``(..., C)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .backend import FLOAT_DTYPES, Array, Backend, device_of, is_device_array
+from .errors import DeviceError, DTypeError, ShapeError, StateError
+
+
+def _is_array(a: Any) -> bool:
+    return isinstance(a, np.ndarray) or is_device_array(a)
+
+
+class Loss:
+    """Base class of the losses.
+
+    A subclass writes its formula as two methods: ``_terms(ops, pred, target)``, the loss
+    term of each position, and ``_dterms(ops, pred, target)``, the gradient of their sum
+    with respect to ``pred``. Inputs are checked (and the target cast to ``pred``'s dtype)
+    here, before either is called.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"{self.name}: expected reduction 'mean' or 'sum', "
+                             f"got {reduction!r}")
+        self.reduction = reduction
+        self._saved: tuple[Array, Array] | None = None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{self.name}(reduction={self.reduction!r})"
+
+    def forward(self, pred: Array, target: Any) -> float:
+        """The loss of ``pred`` against ``target``, summed over positions or averaged."""
+        ops = self._check_pred(pred)
+        target = self._check_target(ops, pred, target)
+        self._saved = (pred, target)
+        total = ops.sum(self._terms(ops, pred, target))
+        return float(total / self.positions(pred) if self.reduction == "mean" else total)
+
+    __call__ = forward
+
+    def backward(self) -> Array:
+        """``dloss/dpred`` for the last ``forward``: shape, dtype and device of ``pred``."""
+        if self._saved is None:
+            raise StateError(f"{self.name}: backward called before forward "
+                             "(or twice for one forward)")
+        pred, target = self._saved
+        dpred = self._dterms(device_of(pred), pred, target)
+        self._saved = None  # the batch need not outlive its step
+        return dpred / self.positions(pred) if self.reduction == "mean" else dpred
+
+    def positions(self, pred: Array) -> int:
+        """How many terms the loss adds up: every element of ``pred``, unless overridden."""
+        return pred.size
+
+    # -- for subclasses ------------------------------------------------------------------
+    def _terms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        raise NotImplementedError
+
+    def _dterms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        raise NotImplementedError
+
+    def _check_pred(self, pred: Any) -> Backend:
+        if not _is_array(pred):
+            raise DTypeError(f"{self.name}: expected the prediction to be an array, "
+                             f"got {type(pred).__name__}")
+        if pred.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"{self.name}: expected the prediction of dtype float32 or "
+                             f"float64, got {pred.dtype}")
+        if pred.size == 0:
+            raise ShapeError(f"{self.name}: expected a non-empty prediction, "
+                             f"got shape {tuple(pred.shape)}")
+        return device_of(pred)
+
+    def _check_target_array(self, ops: Backend, target: Any) -> None:
+        if not _is_array(target):
+            raise DTypeError(f"{self.name}: expected the target to be an array, "
+                             f"got {type(target).__name__}")
+        if not ops.owns(target):
+            where = f"cuda:{target.device.id}" if is_device_array(target) else "cpu"
+            raise DeviceError(f"{self.name}: expected the target on device {ops.name} "
+                              f"(the prediction's), got an array on {where}")
+        if target.dtype.kind not in "biuf":
+            raise DTypeError(f"{self.name}: expected a numeric target, got dtype {target.dtype}")
+
+    def _check_target(self, ops: Backend, pred: Array, target: Any) -> Array:
+        """Targets of the prediction's shape, cast to its dtype (labels 0/1 may be integers)."""
+        self._check_target_array(ops, target)
+        if tuple(target.shape) != tuple(pred.shape):
+            raise ShapeError(f"{self.name}: expected the target of shape {tuple(pred.shape)} "
+                             f"(the prediction's), got {tuple(target.shape)}")
+        return ops.asarray(target, dtype=pred.dtype)
+
+
+class MSE(Loss):
+    """Mean squared error. ``pred`` and ``target`` have one shape, any shape.
+
+    ``loss = sum_i (pred_i - target_i)^2``, divided by the number of elements for
+    ``reduction="mean"``. Gradient: ``2 (pred_i - target_i)``.
+    """
+
+    def _terms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        return (pred - target) ** 2
+
+    def _dterms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        return 2 * (pred - target)
+
+
+class BinaryCrossEntropy(Loss):
+    """Cross-entropy of independent binary units. ``pred``: probabilities, any shape;
+    ``target``: the same shape, values in [0, 1].
+
+    ``p = clip(pred, eps, 1 - eps)``, ``loss = -sum_i t_i log p_i + (1 - t_i) log(1 - p_i)``,
+    divided by the number of elements for ``reduction="mean"`` (as torch's ``BCELoss``).
+    Gradient: ``(p_i - t_i) / (p_i (1 - p_i))`` at the clipped ``p``, also where clipping is
+    active. The exact derivative of the clipped loss is 0 there, which would stop a unit
+    that saturated on the wrong side from ever learning; the formula at the clipped value
+    keeps pushing it back, bounded by ``1/eps`` in size (torch's backward does the same).
+    """
+
+    def __init__(self, reduction: str = "mean", eps: float = 1e-7) -> None:
+        super().__init__(reduction)
+        if not 0 < eps < 0.5:
+            raise ValueError(f"{self.name}: expected eps in (0, 0.5), got {eps!r}")
+        self.eps = eps
+
+    def __repr__(self) -> str:
+        return f"{self.name}(reduction={self.reduction!r}, eps={self.eps!r})"
+
+    def _terms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        p = ops.clip(pred, self.eps, 1 - self.eps)
+        return -(target * ops.log(p) + (1 - target) * ops.log(1 - p))
+
+    def _dterms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        p = ops.clip(pred, self.eps, 1 - self.eps)
+        return (p - target) / (p * (1 - p))
+
+
+#: With ``reduction="sum"``: the negative log probability of binary targets under
+#: independent Bernoulli outputs, summed over the time steps and units of a sequence.
+NegativeLogProbability = BinaryCrossEntropy
+
+
+class BinaryCrossEntropyWithLogits(Loss):
+    """Binary cross-entropy on logits: ``x`` any shape, ``target`` the same, in [0, 1].
+
+    With ``p = sigmoid(x)``, ``-(t log p + (1 - t) log(1 - p))`` equals
+    ``max(x, 0) - x t + log(1 + e^-|x|)``, which never overflows. Gradient:
+    ``sigmoid(x) - t``. Mean over all elements for ``reduction="mean"``.
+    """
+
+    def _terms(self, ops: Backend, x: Array, target: Array) -> Array:
+        return ops.maximum(x, 0) - x * target + ops.log1p(ops.exp(-ops.abs(x)))
+
+    def _dterms(self, ops: Backend, x: Array, target: Array) -> Array:
+        return ops.sigmoid(x) - target
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Cross-entropy of a softmax over the last axis. ``x``: logits ``(..., C)``, such as
+    ``(N, C)`` or ``(T, N, C)``; ``target``: integer labels ``(...)`` in ``[0, C)``, or class
+    probabilities (one-hot or soft) ``(..., C)``.
+
+    Per position: ``loss = -sum_c t_c log softmax(x)_c`` (``-log softmax(x)_label`` for
+    labels), from a stable ``log_softmax``; divided by the number of positions (``N``, or
+    ``T N``) for ``reduction="mean"``. Gradient: ``softmax(x) sum_c t_c - t``, which is
+    ``softmax(x) - onehot`` for labels and any targets that sum to 1.
+    """
+
+    def positions(self, x: Array) -> int:
+        return x.size // x.shape[-1]
+
+    @staticmethod
+    def _labels(x: Array, target: Array) -> bool:
+        return target.ndim == x.ndim - 1
+
+    def _terms(self, ops: Backend, x: Array, target: Array) -> Array:
+        logp = ops.log_softmax(x)
+        if self._labels(x, target):
+            return -ops.xp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+        return -ops.sum(target * logp, axis=-1)
+
+    def _dterms(self, ops: Backend, x: Array, target: Array) -> Array:
+        p = ops.softmax(x)
+        if self._labels(x, target):
+            return p - (target[..., None] == ops.xp.arange(x.shape[-1]))
+        return p * ops.sum(target, axis=-1, keepdims=True) - target
+
+    def _check_target(self, ops: Backend, x: Array, target: Any) -> Array:
+        if x.ndim == 0:
+            raise ShapeError(f"{self.name}: expected logits of shape (..., C), got a scalar")
+        self._check_target_array(ops, target)
+        shape, classes = tuple(x.shape), x.shape[-1]
+        if tuple(target.shape) == shape:
+            return ops.asarray(target, dtype=x.dtype)
+        if tuple(target.shape) != shape[:-1]:
+            raise ShapeError(f"{self.name}: expected the target as labels of shape "
+                             f"{shape[:-1]} or probabilities of shape {shape} for logits "
+                             f"of shape {shape}, got {tuple(target.shape)}")
+        if target.dtype.kind not in "iu":
+            raise DTypeError(f"{self.name}: expected labels of shape {shape[:-1]} to be "
+                             f"integers, got dtype {target.dtype}")
+        bad = (target < 0) | (target >= classes)
+        if bool(bad.any()):  # one host round trip per batch, to name the offending label
+            raise ValueError(f"{self.name}: expected labels in [0, {classes}), "
+                             f"got {int(target[bad][0])}")
+        return target

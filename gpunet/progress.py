@@ -1,0 +1,39 @@
+"""A dependency-free progress bar: redrawn in place on a terminal, one line per epoch otherwise
+(so logs and CI output stay readable)."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+
+class ProgressBar:
+    """``bar.update(steps, loss=..., acc=...)`` after each batch, ``bar.close(...)`` at the end."""
+
+    def __init__(self, total: int, desc: str = "", file: IO[str] | None = None,
+                 enabled: bool = True, width: int = 24) -> None:
+        self.total, self.desc, self.width, self.enabled = total, desc, width, enabled
+        self.file = file if file is not None else sys.stderr
+        self.live = enabled and self.file.isatty()
+        self.count, self.start, self._drawn = 0, time.perf_counter(), 0.0
+
+    def _line(self, stats: dict[str, Any]) -> str:
+        filled = int(self.width * self.count / max(self.total, 1))
+        bar = "#" * filled + "." * (self.width - filled)
+        fields = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in stats.items() if v is not None)
+        elapsed = time.perf_counter() - self.start
+        return f"{self.desc} [{bar}] {self.count}/{self.total} {fields} {elapsed:.1f}s"
+
+    def update(self, steps: int = 1, **stats: Any) -> None:
+        self.count += steps
+        now = time.perf_counter()
+        if self.live and (now - self._drawn > 0.1 or self.count >= self.total):
+            self.file.write("\r" + self._line(stats) + "\033[K")
+            self.file.flush()
+            self._drawn = now
+
+    def close(self, **stats: Any) -> None:
+        if self.enabled:
+            self.file.write(("\r" if self.live else "") + self._line(stats) + "\n")
+            self.file.flush()
