@@ -6,8 +6,8 @@ Importing gpunet imports NumPy only; CuPy is imported the first time a CUDA devi
 from . import data, init, models, optim
 from .backend import asarray, available_devices, to_numpy
 from .backend import get_device as device
-from .errors import (CheckpointError, DeviceError, DTypeError, ShapeError, StateError,
-                     TrainingDiverged)
+from .errors import (CheckpointError, DeviceError, DTypeError, KernelCompileError, ShapeError,
+                     StateError, TrainingDiverged)
 from .gradcheck import gradcheck
 from .layers import Graph, Layer, Parameter, Sequential
 from .losses import (MSE, BinaryCrossEntropy, BinaryCrossEntropyWithLogits,
@@ -23,5 +23,5 @@ __all__ = [
     "Sequential", "Graph", "save", "load", "gradcheck", "Trainer", "data", "init", "models", "optim",
     "MSE", "BinaryCrossEntropy", "BinaryCrossEntropyWithLogits", "NegativeLogProbability",
     "SoftmaxCrossEntropy", "ShapeError", "DTypeError", "DeviceError", "StateError",
-    "CheckpointError", "TrainingDiverged", "__version__",
+    "CheckpointError", "KernelCompileError", "TrainingDiverged", "__version__",
 ]

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import rng
+from . import kernels, rng
 from .errors import DeviceError
+from .kernels import KernelOps
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -95,6 +96,9 @@ class Backend:
     def abs(self, x: Array) -> Array:
         return self.xp.abs(x)
 
+    def sqrt(self, x: Array) -> Array:
+        return self.xp.sqrt(x)
+
     def clip(self, x: Array, lo: float, hi: float) -> Array:
         return self.xp.clip(x, lo, hi)
 
@@ -160,6 +164,24 @@ class Backend:
         # dx_i = y_i * (dy_i - sum_j dy_j y_j)
         return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
+    # -- batch normalisation -------------------------------------------------------------
+    def batchnorm_backward(self, dy: Array, x: Array, mean: Array, invstd: Array,
+                           gamma: Array) -> tuple[Array, Array, Array]:
+        """``(dx, dgamma, dbeta)`` of training-mode batch normalisation of ``x`` with shape
+        ``(N, C)`` or ``(N, C, H, W)``; ``mean``, ``invstd`` and ``gamma`` have shape ``(C,)``.
+        With ``xhat = (x - mean) * invstd`` and ``M`` values per channel:
+        ``dx = gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)``."""
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        invstd_b = invstd.reshape(shape)
+        xhat = (x - mean.reshape(shape)) * invstd_b
+        dbeta = dy.sum(axis=axes)
+        dgamma = (dy * xhat).sum(axis=axes)
+        m = x.size // x.shape[1]
+        dx = (gamma.reshape(shape) * invstd_b) * (
+            dy - (dbeta.reshape(shape) + xhat * dgamma.reshape(shape)) / m)
+        return dx, dgamma, dbeta
+
     # -- randomness (drawn on the host so every device sees the same numbers) -------------
     def dropout_mask(self, shape: Sequence[int], p: float, dtype: Any) -> Array:
         """Inverted-dropout mask: 0 with probability ``p``, else ``1/(1-p)``."""
@@ -167,15 +189,28 @@ class Backend:
         return self.asarray((keep / (1 - p)).astype(dtype))
 
 
-class CudaBackend(Backend):
-    """CuPy on one NVIDIA GPU. Inherits every generic operation; kernels from ``kernels/``
-    override operations as they are added."""
+class CudaBackend(KernelOps, Backend):
+    """CuPy on one NVIDIA GPU: the generic operations, with :class:`KernelOps` overriding
+    those gpunet's kernels accelerate."""
 
     type = "cuda"
 
     def __init__(self, cupy: Any, index: int) -> None:
         super().__init__(cupy, f"cuda:{index}")
         self.index = index
+        self._modules: dict[str, Any] = {}
+
+    def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
+               args: Sequence[Any], shared_mem: int = 0) -> None:
+        file = kernels.file_of(kernel)
+        if file not in self._modules:  # compiled on first use; CuPy caches it on disk
+            with self.xp.cuda.Device(self.index):
+                self._modules[file] = self.xp.RawModule(
+                    code=kernels.expanded_source(file), options=("-std=c++17",),
+                    name_expressions=kernels.name_expressions(file))
+        fn = self._modules[file].get_function(kernels.name_expression(kernel, dtype))
+        with self.xp.cuda.Device(self.index):
+            fn(grid, block, tuple(args), shared_mem=shared_mem)
 
     def owns(self, a: Any) -> bool:
         return isinstance(a, self.xp.ndarray) and a.device.id == self.index

@@ -1,4 +1,4 @@
-"""The ``gpunet`` command: ``gpunet train`` and ``gpunet info``."""
+"""The ``gpunet`` command: ``gpunet train``, ``gpunet parity`` and ``gpunet info``."""
 from __future__ import annotations
 
 import argparse
@@ -133,17 +133,44 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity_parser(sub: Any) -> None:
+    p = sub.add_parser("parity", help="compare every layer on every available device",
+                       description="Run every layer of the parity registry on every available "
+                                   "device (cpu, emulated, cuda) against the float64 NumPy "
+                                   "reference with identical weights, inputs and gradients. "
+                                   "Exit status 1 on any failure.")
+    p.add_argument("--devices", help="comma-separated devices (default: every available one)")
+    p.add_argument("--dtypes", default="float32,float64", help="comma-separated dtypes")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+
+
+def parity(args: argparse.Namespace) -> int:
+    from . import parity as suite
+    from .backend import available_devices, get_device
+
+    devices = ([get_device(d) for d in args.devices.split(",")] if args.devices
+               else available_devices())
+    cases = args.cases.split(",") if args.cases else None
+    unknown = set(cases or ()) - set(suite.CASES)
+    if unknown:
+        raise ValueError(f"unknown parity cases {sorted(unknown)}; known: {sorted(suite.CASES)}")
+    results = suite.run(devices, args.dtypes.split(","), cases)
+    print(suite.table(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpunet", description="gpunet: train and inspect "
                                      "neural networks on NumPy (CPU) or CuPy (NVIDIA GPU).")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _parity_parser(sub)
     sub.add_parser("info", help="versions, the chosen device and what is usable",
                    description="Print versions, the device 'auto' picks, the GPU name when "
                                "there is one, and whether CuPy and the kernels are usable.")
     args = parser.parse_args(argv)
     try:
-        return {"train": train, "info": info}[args.command](args)
+        return {"train": train, "info": info, "parity": parity}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"gpunet {args.command}: error: {e}", file=sys.stderr)
         return 2

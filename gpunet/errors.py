@@ -23,3 +23,7 @@ class CheckpointError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class KernelCompileError(RuntimeError):
+    """A CUDA kernel did not compile; the message carries the compiler's log (file and line)."""

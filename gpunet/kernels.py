@@ -1,11 +1,29 @@
-"""Where the CUDA kernel sources live, in a checkout and in an installed wheel.
+"""gpunet's CUDA kernels: where their sources live, what each file defines, and the
+operations built on them.
 
 The ``.cu`` files are kept in the repository's top-level ``kernels/`` folder; the wheel ships
-them as ``gpunet/_kernels``. Nothing here compiles anything.
+them as ``gpunet/_kernels``. Each kernel is a template over the element type, looked up by
+``(name, dtype)`` as the name expression ``name<float>`` or ``name<double>``. Nothing is
+compiled at import: a backend compiles a file the first time one of its kernels is launched.
+
+:class:`KernelOps` holds the operations that launch kernels. The CUDA backend and the emulated
+backend both inherit it and differ only in ``launch``, so the argument order, grid and block
+sizes and output allocation below run unchanged on the GPU and on the CPU emulator.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+#: Each kernel file and the templated kernels it defines.
+KERNELS: dict[str, tuple[str, ...]] = {
+    "batchnorm.cu": ("bn_reduce_nchw", "bn_reduce_nc", "bn_backward_dx"),
+}
+
+#: Element types the kernels are instantiated for, with their C++ names.
+CTYPES: dict[np.dtype, str] = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
 def kernel_dir() -> Path:
@@ -30,3 +48,84 @@ def read_kernel(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no kernel source {name!r} in {kernel_dir()}")
     return path.read_text()
+
+
+def expanded_source(file: str, _seen: set[str] | None = None) -> str:
+    """The source of ``file`` with its local ``#include "..."`` lines replaced by the files'
+    text, each header once (``#line`` keeps compiler messages pointing at the real file and
+    line). Compilers that cache by source text (CuPy) then see a change to a header."""
+    seen = set() if _seen is None else _seen
+    lines = []
+    path = kernel_dir() / file
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith('#include "') and stripped.endswith('"'):
+            header = stripped[len('#include "'):-1]
+            if header not in seen:
+                seen.add(header)
+                lines += [f'#line 1 "{kernel_dir() / header}"', expanded_source(header, seen)]
+            lines.append(f'#line {number + 1} "{path}"')
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def file_of(kernel: str) -> str:
+    for file, names in KERNELS.items():
+        if kernel in names:
+            return file
+    raise KeyError(f"no kernel named {kernel!r} in gpunet's kernels")
+
+
+def name_expressions(file: str) -> list[str]:
+    """Every instantiation of the kernels in ``file``, e.g. ``bn_backward_dx<float>``."""
+    return [f"{k}<{t}>" for k in KERNELS[file] for t in CTYPES.values()]
+
+
+def name_expression(kernel: str, dtype: Any) -> str:
+    try:
+        return f"{kernel}<{CTYPES[np.dtype(dtype)]}>"
+    except KeyError:
+        raise TypeError(f"kernel {kernel}: expected float32 or float64 data, got {dtype}") from None
+
+
+def _blocks(total: int, threads: int, cap: int = 1024) -> int:
+    """Blocks for a grid-stride loop over ``total`` items: enough to fill a GPU, no more."""
+    return max(1, min(-(-total // threads), cap))
+
+
+class KernelOps:
+    """Operations that run gpunet's own kernels. A backend mixing this in provides
+    ``xp``, ``empty(shape, dtype)`` and ``launch(kernel, dtype, grid, block, args, shared_mem)``."""
+
+    xp: Any
+
+    def empty(self, shape: Sequence[int], dtype: Any) -> Any:
+        return self.xp.empty(shape, dtype=dtype)
+
+    def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
+               args: Sequence[Any], shared_mem: int = 0) -> None:
+        raise NotImplementedError
+
+    def batchnorm_backward(self, dy: Any, x: Any, mean: Any, invstd: Any,
+                           gamma: Any) -> tuple[Any, Any, Any]:
+        """Kernel version of :meth:`gpunet.backend.Backend.batchnorm_backward`: one pass of
+        per-channel reductions, then one fused elementwise pass for ``dx``."""
+        t = x.dtype
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // (n * c)
+        dy, x = self.xp.ascontiguousarray(dy), self.xp.ascontiguousarray(x)
+        sum_dy, sum_dy_xhat = self.empty((c,), t), self.empty((c,), t)
+        if hw == 1:
+            self.launch("bn_reduce_nc", t, (-(-c // 32),), (32, 8),
+                        (dy, x, mean, invstd, np.int32(n), np.int32(c), sum_dy, sum_dy_xhat))
+        else:
+            self.launch("bn_reduce_nchw", t, (c,), (256,),
+                        (dy, x, mean, invstd, np.int32(n), np.int32(c), np.int32(hw),
+                         sum_dy, sum_dy_xhat))
+        dx = self.empty(x.shape, t)
+        total = x.size
+        self.launch("bn_backward_dx", t, (_blocks(total, 256),), (256,),
+                    (dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, np.int32(c),
+                     np.int32(hw), np.int64(total), t.type(1.0 / (n * hw)), dx))
+        return dx, sum_dy_xhat, sum_dy

@@ -6,10 +6,11 @@ from .containers import Graph, Sequential
 from .dense import Dense
 from .dropout import Dropout
 from .merge import Concat, Sum
+from .normalization import BatchNorm
 from .reshape import Flatten
 
 __all__ = [
     "LAYERS", "Layer", "Parameter", "from_config", "Dense", "Sigmoid", "Tanh", "ReLU",
     "LeakyReLU", "ELU", "SELU", "Softplus", "Softmax", "SigmoidGenerator",
-    "NonlinearityGenerator", "Dropout", "Flatten", "Sum", "Concat", "Sequential", "Graph",
+    "NonlinearityGenerator", "BatchNorm", "Dropout", "Flatten", "Sum", "Concat", "Sequential", "Graph",
 ]

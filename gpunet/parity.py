@@ -1,0 +1,178 @@
+"""The device-parity suite: every registered layer on every available device, against the
+float64 NumPy reference, with identical weights, inputs and output gradients.
+
+Each entry of :data:`CASES` builds a layer and its sample input. Later layers add an entry
+here and get the same coverage on ``cpu``, ``emulated`` (whose kernels run on the CPU
+emulator) and ``cuda``. Tolerances are data, per dtype (:data:`TOLERANCES`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import rng
+from .backend import Backend, asarray, available_devices, to_numpy
+from .layers import (ELU, SELU, BatchNorm, Concat, Dense, Dropout, Flatten, Graph, LeakyReLU,
+                     NonlinearityGenerator, ReLU, Sequential, Sigmoid, SigmoidGenerator,
+                     Softmax, Softplus, Sum, Tanh)
+from .layers.base import Layer
+
+#: Allowed error per dtype: an entry passes when ``|got - want| <= atol + rtol * |want|``.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float32": {"rtol": 1e-4, "atol": 1e-5},
+    "float64": {"rtol": 1e-10, "atol": 1e-12},
+}
+
+
+@dataclass
+class Case:
+    """A layer to compare: ``build()`` makes it, ``inputs(generator)`` its sample input (an
+    array or, for multi-input layers, a list), run in ``training`` mode or not."""
+
+    build: Callable[[], Layer]
+    inputs: Callable[[np.random.Generator], Any]
+    training: bool = True
+
+
+def away_from(x: np.ndarray, kink: float, gap: float = 0.05) -> np.ndarray:
+    """Move entries within ``gap`` of a kink away from it: float32 and float64 must not land
+    on different sides of a ReLU-like switch."""
+    d = x - kink
+    return np.where(np.abs(d) < gap, kink + np.where(d < 0, -2 * gap, 2 * gap), x)
+
+
+def _normal(*shape: int, scale: float = 1.0, kink: float | None = None
+            ) -> Callable[[np.random.Generator], np.ndarray]:
+    def make(g: np.random.Generator) -> np.ndarray:
+        x = g.normal(size=shape) * scale
+        return x if kink is None else away_from(x, kink)
+    return make
+
+
+def _residual() -> Graph:
+    g = Graph("x")
+    g.add("fc", Dense(6, 6), "x")
+    g.add("act", Tanh(), "fc")
+    g.add("out", Sum("relu"), ["act", "x"])
+    return g
+
+
+CASES: dict[str, Case] = {
+    "Dense": Case(lambda: Dense(6, 4), _normal(5, 6)),
+    "Dense-3d": Case(lambda: Dense(6, 4, bias=False), _normal(3, 2, 6)),
+    "Sigmoid": Case(Sigmoid, _normal(4, 5, scale=3)),
+    "Tanh": Case(Tanh, _normal(4, 5)),
+    "ReLU": Case(ReLU, _normal(4, 5, kink=0.0)),
+    "LeakyReLU": Case(lambda: LeakyReLU(0.1), _normal(4, 5, kink=0.0)),
+    "ELU": Case(lambda: ELU(0.7), _normal(4, 5, kink=0.0)),
+    "SELU": Case(SELU, _normal(4, 5, kink=0.0)),
+    "Softplus": Case(Softplus, _normal(4, 5, scale=3)),
+    "Softmax": Case(Softmax, _normal(4, 5)),
+    "SigmoidGenerator": Case(lambda: SigmoidGenerator(5, alpha=0.4), _normal(4, 5)),
+    "SigmoidGenerator-4d": Case(lambda: SigmoidGenerator(3, alpha=0.4), _normal(2, 3, 2, 2)),
+    "NonlinearityGenerator": Case(lambda: NonlinearityGenerator(5, b=-0.2),
+                                  _normal(4, 5, kink=-0.2)),
+    "Dropout": Case(lambda: Dropout(0.3), _normal(6, 7)),
+    "Dropout-eval": Case(lambda: Dropout(0.3), _normal(6, 7), training=False),
+    "Flatten": Case(Flatten, _normal(2, 3, 2, 2)),
+    "Sum": Case(lambda: Sum("tanh"), lambda g: [g.normal(size=(3, 4)) for _ in range(3)]),
+    "Concat": Case(Concat, lambda g: [g.normal(size=(2, 3, 2)), g.normal(size=(2, 1, 2))]),
+    "BatchNorm-2d": Case(lambda: BatchNorm(37), _normal(9, 37)),
+    "BatchNorm-4d": Case(lambda: BatchNorm(3), _normal(4, 3, 5, 7)),
+    "BatchNorm-eval": Case(lambda: BatchNorm(3), _normal(4, 3, 2, 2), training=False),
+    "Sequential": Case(lambda: Sequential([Dense(6, 8), ReLU(), Dense(8, 3)]), _normal(4, 6)),
+    "Graph": Case(_residual, _normal(4, 6)),
+}
+
+
+@dataclass
+class Result:
+    case: str
+    device: str
+    dtype: str
+    errors: dict[str, float] = field(default_factory=dict)  # worst error / tolerance, per array
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.message and all(e <= 1.0 for e in self.errors.values())
+
+
+def _score(got: Any, want: np.ndarray, tol: dict[str, float]) -> float:
+    """Worst ``|got - want| / (atol + rtol * |want|)``: at most 1 passes; inf on a shape
+    mismatch or a NaN."""
+    got = to_numpy(got).astype(np.float64)
+    if got.shape != want.shape:
+        return float("inf")
+    err = np.abs(got - want) / (tol["atol"] + tol["rtol"] * np.abs(want))
+    return float(np.nan_to_num(err, nan=np.inf).max(initial=0.0))
+
+
+def _run(layer: Layer, xs: list[np.ndarray], multi: bool, dy: np.ndarray, training: bool,
+         device: Backend, dtype: Any) -> tuple[Any, list[Any], dict[str, Any]]:
+    layer.to(device, dtype)
+    x = [asarray(a, device, dtype=dtype) for a in xs]
+    rng.seed(0)  # the same dropout draws on every device
+    y = layer.forward(x if multi else x[0], training)
+    dx = layer.backward(asarray(dy, device, dtype=dtype))
+    return y, (dx if multi else [dx]), {k: p.grad for k, p in layer.params().items()}
+
+
+def run_case(name: str, device: Backend, dtype: Any, seed: int = 0) -> Result:
+    """Compare ``CASES[name]`` on ``device`` in ``dtype`` with the float64 CPU reference."""
+    case, dtype = CASES[name], np.dtype(dtype)
+    result = Result(name, device.name, dtype.name)
+    g = np.random.default_rng(seed)
+    raw = case.inputs(g)
+    multi = isinstance(raw, list)
+    xs = raw if multi else [raw]
+    # Inputs and weights are rounded to dtype first, so both sides start from the same numbers.
+    xs = [np.asarray(a, dtype).astype(np.float64) for a in xs]
+    reference, layer = case.build(), case.build()
+    for p_ref, p in zip(reference.params().values(), layer.params().values()):
+        # perturbed so zero-initialised biases take part too, then rounded to dtype
+        p_ref.data[...] = p.data[...] = (to_numpy(p_ref.data) + g.normal(size=p.shape) * 0.1
+                                         ).astype(dtype)
+    try:
+        reference.to(dtype=np.float64)
+        rng.seed(0)
+        y_ref = reference.forward(xs if multi else xs[0], case.training)
+        dy = np.asarray(g.normal(size=y_ref.shape), dtype).astype(np.float64)
+        dx_ref = reference.backward(dy)
+        dx_ref = dx_ref if multi else [dx_ref]
+        y, dx, grads = _run(layer, xs, multi, dy, case.training, device, dtype)
+    except Exception as e:  # a crash on one device is a failed row, not a stopped suite
+        result.message = f"{type(e).__name__}: {e}"
+        return result
+    tol = TOLERANCES[dtype.name]
+    result.errors["forward"] = _score(y, y_ref, tol)
+    for i, (a, b) in enumerate(zip(dx, dx_ref)):
+        result.errors["dx" if not multi else f"dx{i}"] = _score(a, b, tol)
+    for k, p in reference.params().items():
+        result.errors[f"d{k}"] = _score(grads[k], p.grad, tol)
+    return result
+
+
+def run(devices: Sequence[Backend] | None = None,
+        dtypes: Sequence[str] = ("float32", "float64"),
+        cases: Sequence[str] | None = None) -> list[Result]:
+    """Every case on every device in every dtype."""
+    devices = list(devices) if devices is not None else available_devices()
+    return [run_case(name, device, dtype)
+            for name in (cases or CASES) for device in devices for dtype in dtypes]
+
+
+def table(results: Sequence[Result]) -> str:
+    """Results as a text table: case, device, dtype, worst error per array, verdict."""
+    lines = [f"{'case':<24} {'device':<18} {'dtype':<8} {'worst':>9}  {'verdict':<7} detail"]
+    for r in results:
+        worst = max(r.errors.values(), default=float("inf"))
+        detail = r.message or " ".join(f"{k}={v:.2g}" for k, v in r.errors.items())
+        lines.append(f"{r.case:<24} {r.device:<18} {r.dtype:<8} {worst:>9.3g}  "
+                     f"{'pass' if r.ok else 'FAIL':<7} {detail}")
+    failed = sum(not r.ok for r in results)
+    lines.append(f"{len(results) - failed} passed, {failed} failed "
+                 f"(errors in units of the tolerance: {TOLERANCES})")
+    return "\n".join(lines)
