@@ -9,6 +9,7 @@ CuPy for computation; they call these methods, so the same layer code runs on ev
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Sequence
 
 import numpy as np
@@ -236,6 +237,39 @@ class CudaBackend(KernelOps, Backend):
         self.xp.cuda.Device(self.index).use()
 
 
+class EmulatedBackend(KernelOps, Backend):
+    """NumPy arrays, with gpunet's kernels compiled by the host C++ compiler and run on the
+    CPU emulator (:mod:`gpunet.emulator`): the same ``.cu`` source, grid and block sizes as on
+    a GPU. ``order`` (``"forward"``, ``"reverse"`` or ``"shuffled"``) is the order in which the
+    threads of a block resume between barriers. Fresh outputs are filled with NaN so a value
+    a kernel forgot to write shows up."""
+
+    type = "emulated"
+    ORDERS = ("forward", "reverse", "shuffled")
+
+    def __init__(self, order: str = "forward", seed: int = 0) -> None:
+        if order not in self.ORDERS:
+            raise DeviceError(f"emulated device: expected a thread order in {self.ORDERS}, "
+                              f"got {order!r}")
+        super().__init__(np, "emulated" if order == "forward" else f"emulated:{order}")
+        self.order, self.seed = order, seed
+        self._modules: dict[str, Any] = {}
+
+    def empty(self, shape: Sequence[int], dtype: Any) -> Array:
+        return np.full(shape, np.nan, dtype=dtype)
+
+    def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
+               args: Sequence[Any], shared_mem: int = 0) -> None:
+        from .emulator import EmulatedModule
+        file = kernels.file_of(kernel)
+        if file not in self._modules:
+            self._modules[file] = EmulatedModule([kernels.kernel_dir() / file],
+                                                 kernels.name_expressions(file))
+        self._modules[file].launch(kernels.name_expression(kernel, dtype), grid, block,
+                                   tuple(args), shared_mem=shared_mem, order=self.order,
+                                   seed=self.seed)
+
+
 # -- choosing a device --------------------------------------------------------------------
 _devices: dict[str, Backend] = {}
 
@@ -285,7 +319,9 @@ def _cuda_available() -> bool:
 
 
 def get_device(spec: str | Backend | None = "auto") -> Backend:
-    """The device for ``spec``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+    """The device for ``spec``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"emulated"`` (the CPU
+    emulator of the CUDA kernels; ``"emulated:reverse"`` and ``"emulated:shuffled"`` resume
+    threads in other orders) or ``"auto"``.
 
     ``"auto"`` (and ``None``) takes ``$GPUNET_DEVICE`` when it is set, else CUDA when CuPy
     imports and sees a GPU, else the CPU. Asking for CUDA where there is none raises
@@ -301,10 +337,14 @@ def get_device(spec: str | Backend | None = "auto") -> Backend:
             raise DeviceError("GPUNET_DEVICE must name a device, got 'auto'")
     if spec == "cuda":
         spec = "cuda:0"
+    if spec == "emulated:forward":
+        spec = "emulated"
     if spec in _devices:
         return _devices[spec]
     if spec == "cpu":
         dev = Backend(np, "cpu")
+    elif spec == "emulated" or spec.startswith("emulated:"):
+        dev = EmulatedBackend(spec.partition(":")[2] or "forward")
     elif spec.startswith("cuda:"):
         try:
             index = int(spec[5:])
@@ -316,14 +356,18 @@ def get_device(spec: str | Backend | None = "auto") -> Backend:
             raise DeviceError(f"CUDA device {index} requested, but {count} GPU(s) are visible")
         dev = CudaBackend(cupy, index)
     else:
-        raise DeviceError(f"unknown device {spec!r}; expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        raise DeviceError(f"unknown device {spec!r}; expected 'cpu', 'cuda', 'cuda:N', "
+                          "'emulated' or 'auto'")
     _devices[spec] = dev
     return dev
 
 
 def available_devices() -> list[Backend]:
-    """Every device this machine can run: the CPU, then each visible GPU."""
+    """Every device this machine can run: the CPU, the emulator where a C++ compiler is
+    installed, then each visible GPU."""
     devices = [get_device("cpu")]
+    if shutil.which(os.environ.get("CXX", "g++")):
+        devices.append(get_device("emulated"))
     if _cuda_available():
         devices += [get_device(f"cuda:{i}") for i in range(_cuda_device_count(_import_cupy()))]
     return devices

@@ -108,8 +108,10 @@ def train(args: argparse.Namespace) -> int:
 def info(args: argparse.Namespace) -> int:
     from . import __version__, models
     from .backend import get_device
-    from .errors import DeviceError
-    from .kernels import kernel_files
+    from .errors import DeviceError, KernelCompileError
+    from .kernels import KERNELS, expanded_source, kernel_files, name_expressions
+    from .nvrtc import compile_ptx
+    from .nvrtc import version as nvrtc_version
 
     print(f"gpunet {__version__}")
     print(f"python {platform.python_version()} ({platform.machine()})")
@@ -129,6 +131,12 @@ def info(args: argparse.Namespace) -> int:
         print(f"device: unavailable ({e})")
     files = kernel_files()
     print(f"kernels: {len(files)} file(s) in {files[0].parent if files else 'kernels/'}")
+    try:
+        for file in KERNELS:
+            compile_ptx(expanded_source(file), file, name_expressions=name_expressions(file))
+        print(f"kernels: compile under NVRTC {'.'.join(map(str, nvrtc_version()))}")
+    except KernelCompileError as e:
+        print(f"kernels: not compiled ({str(e).splitlines()[0]})")
     print(f"models: {', '.join(sorted(models.MODELS))}")
     return 0
 

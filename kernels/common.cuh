@@ -15,3 +15,15 @@ __device__ __forceinline__ T gpunet_warp_sum(T v) {
         v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
+
+// Dynamic shared memory (the launch's shared_mem bytes) as `T* name`, 16-byte aligned. On the
+// GPU every kernel declares the same untyped array, so kernels templated over T do not declare
+// one extern symbol with two types; the CPU emulator, where `extern __shared__` cannot be
+// expressed, hands out its per-block arena instead.
+#ifdef GPUNET_EMULATOR
+#define GPUNET_DYNAMIC_SHARED(T, name) T* name = gpunet_emu::dynamic_shared<T>()
+#else
+#define GPUNET_DYNAMIC_SHARED(T, name)                                        \
+    extern __shared__ __align__(16) unsigned char gpunet_dynamic_shared_[];   \
+    T* name = reinterpret_cast<T*>(gpunet_dynamic_shared_)
+#endif

@@ -8,7 +8,7 @@ from gpunet import backend
 
 # CUDA entries are always listed, and skipped with a reason where no GPU is visible, so the
 # report shows what did not run.
-DEVICE_SPECS = ["cpu", "cuda"]
+DEVICE_SPECS = ["cpu", "emulated", "cuda"]
 
 
 @pytest.fixture(params=DEVICE_SPECS)

@@ -107,3 +107,55 @@ def test_batch_of_one_is_fine_in_eval():
 def test_bad_constructor_arguments(args):
     with pytest.raises(ValueError, match="BatchNorm: expected features >= 1, eps > 0"):
         BatchNorm(*args)
+
+
+# -- the backward kernels on the CPU emulator ------------------------------------------------
+ORDERS = ["forward", "reverse", "shuffled"]
+
+
+def backward_inputs(shape, dtype):
+    x, dy = R.normal(size=shape) * 2 + 0.5, R.normal(size=shape)
+    axes = (0,) + tuple(range(2, len(shape)))
+    mean, invstd = x.mean(axis=axes), 1 / np.sqrt(x.var(axis=axes) + 1e-5)
+    gamma = R.normal(size=shape[1])
+    return [np.ascontiguousarray(a, dtype) for a in (dy, x, mean, invstd, gamma)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("shape", [(37, 40), (2, 3), (300, 2), (5, 3, 7, 9), (2, 70, 1, 1),
+                                   (1, 4, 16, 16)])
+def test_backward_kernels_match_the_generic_code(shape, order, dtype, tol):
+    """Both reduction layouts (HW = 1 and HW > 1), channel counts that are not a multiple of
+    32, more rows than threads, a batch of one: in every thread order."""
+    args = backward_inputs(shape, dtype)
+    got = gpunet.device(f"emulated:{order}").batchnorm_backward(*args)
+    want = gpunet.device("cpu").batchnorm_backward(*[a.astype(np.float64) for a in args])
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("barrier, shape", [
+    ("__syncthreads();  // every warp's partial sum", (4, 3, 8, 8)),
+    ("__syncthreads();  // all 8 rows of partial sums", (64, 40)),
+])
+def test_removing_a_barrier_makes_the_kernels_fail(tmp_path, monkeypatch, barrier, shape):
+    """A scratch copy of batchnorm.cu without one __syncthreads() gives wrong gradients on
+    the emulator in at least one thread order: the orders catch a missing barrier."""
+    from gpunet import kernels
+    from gpunet.backend import EmulatedBackend
+    source = kernels.read_kernel("batchnorm.cu")
+    assert source.count(barrier) == 1
+    (tmp_path / "batchnorm.cu").write_text(source.replace(barrier, "// (barrier removed)"))
+    (tmp_path / "common.cuh").write_text(kernels.read_kernel("common.cuh"))
+    monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
+    monkeypatch.setenv("GPUNET_CACHE_DIR", str(tmp_path / "cache"))
+    args = backward_inputs(shape, np.float64)
+    want = gpunet.device("cpu").batchnorm_backward(*args)
+    wrong = []
+    for order in ORDERS:
+        got = EmulatedBackend(order).batchnorm_backward(*args)
+        if not all(np.allclose(g, w, rtol=1e-8, atol=1e-8) for g, w in zip(got, want)):
+            wrong.append(order)
+    assert wrong, "the kernels without the barrier gave right results in every order"
