@@ -36,6 +36,9 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--metrics-out", metavar="FILE", help="write the final metrics as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks of `mpirun -np N` (MPI; NCCL between "
+                        "GPUs, one GPU per rank); --batch-size is per rank")
 
 
 def _split(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -52,7 +55,7 @@ def _split(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
 
 
 def train(args: argparse.Namespace) -> int:
-    from . import data, models, optim, rng
+    from . import data, distributed, models, optim, rng
     from .backend import get_device
     from .errors import TrainingDiverged
     from .serialize import save
@@ -63,6 +66,10 @@ def train(args: argparse.Namespace) -> int:
                                     ("epochs", "batch_size", "lr", "optimizer")
                                     if getattr(args, k) is not None}}
     device = get_device(args.device)
+    if args.distributed and device.type == "cuda":
+        count = device.xp.cuda.runtime.getDeviceCount()
+        device = get_device(f"cuda:{distributed.local_rank() % count}")
+    comm = distributed.init(device) if args.distributed else distributed.Communicator()
     rng.seed(args.seed)
     loader = data.DATASETS.get(args.data)
     if loader is None:
@@ -81,10 +88,12 @@ def train(args: argparse.Namespace) -> int:
     opt_kwargs = {"momentum": args.momentum} if settings["optimizer"] == "sgd" else {}
     model.to(device)
     optimizer = opt_cls(model.params(), lr=settings["lr"], **opt_kwargs)
-    trainer = Trainer(model, spec.loss(), optimizer, progress=not args.no_progress)
-    print(f"gpunet: training {args.model} on {args.data} ({len(train_set)} train, "
-          f"{0 if val_set is None else len(val_set)} validation, {len(test_set)} test) "
-          f"on {device.name}: {settings}", file=sys.stderr)
+    trainer = Trainer(model, spec.loss(), optimizer, progress=not args.no_progress, comm=comm)
+    if comm.rank == 0:
+        ranks = f" x {comm.size} ranks" if comm.size > 1 else ""
+        print(f"gpunet: training {args.model} on {args.data} ({len(train_set)} train, "
+              f"{0 if val_set is None else len(val_set)} validation, {len(test_set)} test) "
+              f"on {device.name}{ranks}: {settings}", file=sys.stderr)
     started = time.perf_counter()
     try:
         trainer.fit(train_set, settings["epochs"], settings["batch_size"], val=val_set,
@@ -96,6 +105,10 @@ def train(args: argparse.Namespace) -> int:
     scores = trainer.evaluate(test_set)
     metrics = {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
                "epochs": settings["epochs"], "seconds": round(seconds, 3), "device": device.name}
+    if comm.size > 1:
+        metrics["ranks"] = comm.size
+    if comm.rank != 0:
+        return 0
     print(json.dumps(metrics))
     if args.metrics_out:
         with open(args.metrics_out, "w") as f:

@@ -302,10 +302,18 @@ class DataLoader:
     only on ``seed`` and the epoch set by :meth:`set_epoch`, which iteration never advances.
     ``seed=None`` draws the seed from gpunet's stream once, here, so ``gpunet.seed(n)`` makes
     the shuffling reproducible.
+
+    Data-parallel runs give each of ``world`` processes its ``rank``: every step takes the
+    next ``batch_size * world`` positions of the shared order and each rank reads its own
+    consecutive share, so the ranks together see exactly the batches one process would with
+    ``batch_size * world``, disjoint, and the whole epoch.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 32, shuffle: bool = True,
-                 drop_last: bool = False, seed: int | None = None) -> None:
+                 drop_last: bool = False, seed: int | None = None, rank: int = 0,
+                 world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must lie in [0, world), got rank {rank} of {world}")
         if int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if seed is None:
@@ -318,6 +326,7 @@ class DataLoader:
         self.drop_last = drop_last
         self.seed = int(seed)
         self.epoch = 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration uses."""
@@ -326,12 +335,20 @@ class DataLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, step = len(self.dataset), self.batch_size * self.world
+        return n // step if self.drop_last else -(-n // step)
+
+    def step_size(self, step: int) -> int:
+        """How many samples all ranks together read at ``step`` (less than
+        ``batch_size * world`` only for a last, partial batch)."""
+        total = self.batch_size * self.world
+        return min(total, len(self.dataset) - step * total)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        n = len(self.dataset)
+        n, total = len(self.dataset), self.batch_size * self.world
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
                  else np.arange(n))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self.dataset[order[start:start + self.batch_size]]
+        for start in range(0, len(self) * total, total):
+            chunk = order[start:start + total]
+            # equal shares of a full step; a last, partial step is split as evenly as it goes
+            yield self.dataset[np.array_split(chunk, self.world)[self.rank]]

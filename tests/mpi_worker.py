@@ -1,0 +1,68 @@
+"""Run under `mpirun -np N python tests/mpi_worker.py SCENARIO OUT [...]` by
+tests/test_distributed.py; rank 0 writes what the test checks to OUT (.npz)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+import gpunet
+from gpunet import Sequential, Trainer, data, distributed, optim
+from gpunet.layers import BatchNorm, Dense, ReLU
+from gpunet.losses import SoftmaxCrossEntropy
+
+
+def build(kind: str):
+    gpunet.seed(0)
+    if kind == "bn":
+        return Sequential([Dense(2, 16), BatchNorm(16), ReLU(), Dense(16, 3)])
+    return Sequential([Dense(2, 16), ReLU(), Dense(16, 3)])
+
+
+class Checksums(optim.SGD):
+    """SGD that records, after every step, how far the ranks' parameter checksums are from
+    rank 0's (summed over ranks: 0 when all hold identical parameters)."""
+
+    def __init__(self, params, comm, **kwargs):
+        super().__init__(params, **kwargs)
+        self.comm, self.spreads = comm, []
+
+    def step(self):
+        super().step()
+        total = sum(float(gpunet.to_numpy(p.data).astype(np.float64).sum())
+                    for p in self.params.values())
+        root = np.array([total])
+        self.comm.broadcast([root])  # rank 0's checksum; every rank compares its own
+        self.spreads.append(self.comm.allreduce_sum([abs(float(root[0]) - total)])[0])
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], sys.argv[2]
+    device = gpunet.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
+    comm = distributed.init(device)
+    # "uneven": 3 ranks over 194 samples leave a last step of 2, so one rank reads nothing
+    train, _ = data.blobs(n=194 if scenario == "uneven" else 256, classes=3)
+    model = build("bn" if scenario == "bn" else "mlp").to(device)
+    opt = Checksums(model.params(), comm, lr=0.1, momentum=0.9)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), opt, progress=False, comm=comm)
+    if scenario == "die":
+        if comm.rank == 1:
+            os._exit(3)
+    if scenario == "hang":
+        if comm.rank == 1:
+            time.sleep(3600)
+    if scenario == "resume":
+        ckpt = sys.argv[4]
+        trainer.fit(train, epochs=int(sys.argv[5]), batch_size=32, checkpoint=ckpt,
+                    resume=os.path.exists(ckpt), seed=5)
+    else:
+        trainer.fit(train, epochs=1, batch_size=32, seed=5)
+    if comm.rank == 0:
+        np.savez(out, size=comm.size, spreads=np.array(opt.spreads), epochs=len(trainer.history),
+                 **{k: gpunet.to_numpy(p.data) for k, p in model.params().items()})
+
+
+if __name__ == "__main__":
+    main()
