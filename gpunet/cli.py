@@ -189,6 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("info", help="versions, the chosen device and what is usable",
                    description="Print versions, the device 'auto' picks, the GPU name when "
                                "there is one, and whether CuPy and the kernels are usable.")
+    sub.add_parser("bench", help="training-step benchmarks against PyTorch (see "
+                   "`gpunet bench --help`)", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return {"train": train, "info": info, "parity": parity}[args.command](args)
