@@ -12,6 +12,7 @@ from .gradcheck import gradcheck
 from .layers import Graph, Layer, Parameter, Sequential
 from .losses import (MSE, BinaryCrossEntropy, BinaryCrossEntropyWithLogits,
                      NegativeLogProbability, SoftmaxCrossEntropy)
+from .losses import DiceLoss, FocalLoss
 from .rng import seed
 from .serialize import load, save
 from .trainer import Trainer
@@ -24,4 +25,5 @@ __all__ = [
     "MSE", "BinaryCrossEntropy", "BinaryCrossEntropyWithLogits", "NegativeLogProbability",
     "SoftmaxCrossEntropy", "ShapeError", "DTypeError", "DeviceError", "StateError",
     "CheckpointError", "KernelCompileError", "TrainingDiverged", "__version__",
+    "FocalLoss", "DiceLoss",
 ]

@@ -183,11 +183,238 @@ class Backend:
             dy - (dbeta.reshape(shape) + xhat * dgamma.reshape(shape)) / m)
         return dx, dgamma, dbeta
 
+    # -- convolution and pooling over (N, C, H, W) ----------------------------------------
+    # ``kernel``, ``stride`` and ``padding`` are (height, width) pairs; an output is
+    # (Ho, Wo) = ((H + 2 ph - kh) // sh + 1, (W + 2 pw - kw) // sw + 1). Loops below run
+    # over the kh * kw kernel offsets at most, never over pixels or samples.
+    def pad2d(self, x: Array, padding: Sequence[int], value: float = 0.0) -> Array:
+        """``x`` with ``padding = (ph, pw)`` rows and columns of ``value`` on each side
+        (``x`` itself when there is none)."""
+        ph, pw = padding
+        if ph == 0 and pw == 0:
+            return x
+        n, c, h, w = x.shape
+        out = self.xp.full((n, c, h + 2 * ph, w + 2 * pw), value, dtype=x.dtype)
+        out[:, :, ph:ph + h, pw:pw + w] = x
+        return out
+
+    def im2col(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
+               padding: Sequence[int]) -> Array:
+        """The column matrix of a convolution, ``(C kh kw, N Ho Wo)``, C-contiguous:
+        ``cols[(c, i, j), (n, ho, wo)] = xpad[n, c, ho sh + i, wo sw + j]``. A strided view
+        of the padded input (no copy) made contiguous in one copy."""
+        (kh, kw), (sh, sw) = kernel, stride
+        xpad = self.pad2d(x, padding)
+        n, c, hp, wp = xpad.shape
+        ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+        s = xpad.strides
+        view = self.xp.lib.stride_tricks.as_strided(
+            xpad, (c, kh, kw, n, ho, wo), (s[1], s[2], s[3], s[0], s[2] * sh, s[3] * sw))
+        return self.xp.ascontiguousarray(view).reshape(c * kh * kw, n * ho * wo)
+
+    def col2im(self, dcols: Array, x_shape: Sequence[int], kernel: Sequence[int],
+               stride: Sequence[int], padding: Sequence[int]) -> Array:
+        """The adjoint of :meth:`im2col`: ``dx[n, c, h, w]`` is the sum of the ``dcols``
+        entries im2col copied from ``x[n, c, h, w]``. One strided slice-add per kernel offset
+        (``kh kw`` of them) into a ``(C, N, Hp, Wp)`` buffer; no scatter."""
+        n, c, h, w = x_shape
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        d = dcols.reshape(c, kh, kw, n, ho, wo)
+        acc = self.xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=dcols.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                acc[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += d[:, i, j]
+        return self.xp.ascontiguousarray(acc[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3))
+
+    def conv_bias_grad(self, dy: Array) -> Array:
+        """``dbias[o] = sum over n, ho, wo of dy[n, o, ho, wo]``."""
+        return dy.sum(axis=(0, 2, 3))
+
+    def conv2d(self, x: Array, weight: Array, bias: Array | None, stride: Sequence[int],
+               padding: Sequence[int]) -> tuple[Array, Array]:
+        """``(y, cols)``: the cross-correlation ``y[n, o] = sum_{c,i,j} weight[o, c, i, j]
+        xpad[n, c, ho sh + i, wo sw + j] + bias[o]`` of ``x (N, C, H, W)`` with ``weight
+        (O, C, kh, kw)``, as ONE GEMM ``weight (O, C kh kw) @ cols (C kh kw, N Ho Wo)``;
+        ``cols`` (:meth:`im2col`) is what the backward pass needs."""
+        n, o = x.shape[0], weight.shape[0]
+        cols = self.im2col(x, weight.shape[2:], stride, padding)
+        ho = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+        wo = cols.shape[1] // (n * ho)
+        y = self.gemm(weight.reshape(o, -1), cols)
+        if bias is not None:
+            y += bias.reshape(o, 1)
+        return self.xp.ascontiguousarray(y.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)), cols
+
+    def backprop_conv2d(self, dy: Array, cols: Array, x_shape: Sequence[int], weight: Array,
+                        stride: Sequence[int], padding: Sequence[int], bias: bool = True
+                        ) -> tuple[Array, Array, Array | None]:
+        """``(dx, dweight, dbias)`` of :meth:`conv2d`: ``dweight = dy (O, N Ho Wo) @ cols^T``
+        (one GEMM), ``dx = col2im(weight^T @ dy)`` (one GEMM and the gather),
+        ``dbias = conv_bias_grad(dy)`` (None without a bias)."""
+        o = weight.shape[0]
+        dy2 = self.xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)
+        dweight = self.gemm(dy2, cols, trans_b=True).reshape(weight.shape)
+        dbias = self.conv_bias_grad(dy) if bias else None
+        dcols = self.gemm(weight.reshape(o, -1), dy2, trans_a=True)
+        return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding), dweight, dbias
+
+    @staticmethod
+    def _window(k: int, kernel: Sequence[int], stride: Sequence[int], out: Sequence[int]
+                ) -> tuple[slice, slice, slice, slice]:
+        """The strided slice of a padded input that kernel offset ``k = i kw + j`` reads
+        from every window."""
+        i, j = divmod(k, kernel[1])
+        return (slice(None), slice(None), slice(i, i + stride[0] * (out[0] - 1) + 1, stride[0]),
+                slice(j, j + stride[1] * (out[1] - 1) + 1, stride[1]))
+
+    @staticmethod
+    def _pool_out(shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int]) -> tuple[int, int]:
+        return ((shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1,
+                (shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+
+    def maxpool2d(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int]) -> tuple[Array, Array]:
+        """``(y, index)``: the maximum of each window of ``x`` padded with -inf, and
+        ``index`` (int32, the shape of ``y``), the kernel offset ``i kw + j`` of the window's
+        first maximum in row-major order (later ties never win)."""
+        out = self._pool_out(x.shape, kernel, stride, padding)
+        xpad = self.pad2d(x, padding, -np.inf)
+        y = xpad[self._window(0, kernel, stride, out)].copy()
+        index = self.xp.zeros(y.shape, dtype=np.int32)
+        for k in range(1, kernel[0] * kernel[1]):
+            v = xpad[self._window(k, kernel, stride, out)]
+            better = v > y
+            self.xp.copyto(y, v, where=better)
+            self.xp.copyto(index, np.int32(k), where=better)
+        return y, index
+
+    def backprop_maxpool2d(self, dy: Array, index: Array, x_shape: Sequence[int],
+                           kernel: Sequence[int], stride: Sequence[int],
+                           padding: Sequence[int]) -> Array:
+        """``dx`` of :meth:`maxpool2d`: each window's gradient goes to its first maximum;
+        an element that is the maximum of several (overlapping) windows gets their sum."""
+        n, c, h, w = x_shape
+        (ph, pw), out = padding, dy.shape[2:]
+        acc = self.xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dy.dtype)
+        for k in range(kernel[0] * kernel[1]):
+            acc[self._window(k, kernel, stride, out)] += dy * (index == k)
+        return self.xp.ascontiguousarray(acc[:, :, ph:ph + h, pw:pw + w])
+
+    def avgpool2d(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int]) -> Array:
+        """The mean of each window of ``x`` padded with zeros; padded positions count in the
+        divisor ``kh kw`` (PyTorch's ``count_include_pad=True``)."""
+        (kh, kw), (ho, wo) = kernel, self._pool_out(x.shape, kernel, stride, padding)
+        xpad = self.pad2d(x, padding)
+        scale = 1.0 / (kh * kw)
+        if tuple(stride) == tuple(kernel):  # tiling windows: one reduction over a reshape
+            n, c = x.shape[:2]
+            tiles = xpad[:, :, :ho * kh, :wo * kw].reshape(n, c, ho, kh, wo, kw)
+            return tiles.sum(axis=(3, 5)) * scale
+        y = xpad[self._window(0, kernel, stride, (ho, wo))].copy()
+        for k in range(1, kh * kw):
+            y += xpad[self._window(k, kernel, stride, (ho, wo))]
+        y *= scale
+        return y
+
+    def backprop_avgpool2d(self, dy: Array, x_shape: Sequence[int], kernel: Sequence[int],
+                           stride: Sequence[int], padding: Sequence[int]) -> Array:
+        """``dx`` of :meth:`avgpool2d`: every element of a window gets its ``dy / (kh kw)``."""
+        n, c, h, w = x_shape
+        (kh, kw), (ph, pw), (ho, wo) = kernel, padding, dy.shape[2:]
+        g = dy * (1.0 / (kh * kw))
+        acc = self.xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dy.dtype)
+        if tuple(stride) == tuple(kernel):
+            acc[:, :, :ho * kh, :wo * kw] = self.upscale2d(g, (kh, kw))
+        else:
+            for k in range(kh * kw):
+                acc[self._window(k, kernel, stride, (ho, wo))] += g
+        return self.xp.ascontiguousarray(acc[:, :, ph:ph + h, pw:pw + w])
+
+    def upscale2d(self, x: Array, scale: Sequence[int]) -> Array:
+        """Nearest-neighbour upsampling by ``scale = (sh, sw)``:
+        ``y[n, c, i, j] = x[n, c, i // sh, j // sw]``, C-contiguous."""
+        n, c, h, w = x.shape
+        sh, sw = scale
+        return self.xp.broadcast_to(x[:, :, :, None, :, None], (n, c, h, sh, w, sw)).reshape(
+            n, c, h * sh, w * sw)
+
+    def backprop_upscale2d(self, dy: Array, scale: Sequence[int]) -> Array:
+        """``dx`` of :meth:`upscale2d`: the sum of each ``sh x sw`` block of ``dy``."""
+        n, c, h, w = dy.shape
+        sh, sw = scale
+        return dy.reshape(n, c, h // sh, sh, w // sw, sw).sum(axis=(3, 5))
+
     # -- randomness (drawn on the host so every device sees the same numbers) -------------
     def dropout_mask(self, shape: Sequence[int], p: float, dtype: Any) -> Array:
         """Inverted-dropout mask: 0 with probability ``p``, else ``1/(1-p)``."""
         keep = rng.generator().random(shape) >= p
         return self.asarray((keep / (1 - p)).astype(dtype))
+
+    # -- LSTM: the pointwise work of one time step (kernels/lstm.cu on CUDA and emulated) --
+    def empty(self, shape: Sequence[int] | int, dtype: Any = np.float32) -> Array:
+        """An uninitialised array to be filled (the emulated device fills it with NaN)."""
+        return self.xp.empty(shape, dtype=dtype)
+
+    def lstm_cell_forward(self, xg: Array, hg: Array, c_prev: Array, acts: Array, c: Array,
+                          h: Array) -> None:
+        """One LSTM step, written into the preallocated ``acts``, ``c`` and ``h``.
+
+        ``xg`` and ``hg``: ``(N, 4H)`` pre-activations from the input (bias included) and the
+        recurrent projection, gates in the order i, f, g, o; ``c_prev``, ``c``, ``h``:
+        ``(N, H)``. ``acts = [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]`` (of
+        ``xg + hg``), ``c = f c_prev + i g``, ``h = o tanh(c)``. Outputs are C-contiguous
+        (views of the layer's per-sequence buffers), so nothing is copied."""
+        xp, n = self.xp, c.shape[-1]
+        xp.add(xg, hg, out=acts)
+        sig = (acts[:, :2 * n], acts[:, 3 * n:])  # i, f and o
+        for a in sig:  # sigmoid(z) = (1 + tanh(z/2)) / 2: one tanh for all four gates
+            a *= 0.5
+        xp.tanh(acts, out=acts)
+        for a in sig:
+            a *= 0.5
+            a += 0.5
+        i, f, g, o = acts[:, :n], acts[:, n:2 * n], acts[:, 2 * n:3 * n], acts[:, 3 * n:]
+        xp.multiply(i, g, out=h)  # h serves as scratch for i g
+        xp.multiply(f, c_prev, out=c)
+        c += h
+        xp.tanh(c, out=h)
+        h *= o
+
+    def lstm_cell_backward(self, dy: Array, dh_rec: Array, dc_next: Array, acts: Array,
+                           c_prev: Array, c: Array, dz: Array, dc_prev: Array) -> None:
+        """The backward pass of :meth:`lstm_cell_forward`, written into the preallocated
+        ``dz`` ``(N, 4H)`` (gradients of the gate pre-activations) and ``dc_prev`` ``(N, H)``.
+
+        ``dh = dy + dh_rec`` (``dh_rec``: the gradient from step t+1, ``dz_{t+1} W_h``),
+        ``tc = tanh(c)``, ``dc = dc_next + dh o (1 - tc^2)``; then ``dz_i = dc g i (1 - i)``,
+        ``dz_f = dc c_prev f (1 - f)``, ``dz_g = dc i (1 - g^2)``, ``dz_o = dh tc o (1 - o)``
+        and ``dc_prev = dc f``."""
+        xp, n = self.xp, c.shape[-1]
+        i, f, g, o = acts[:, :n], acts[:, n:2 * n], acts[:, 2 * n:3 * n], acts[:, 3 * n:]
+        dz_i, dz_f, dz_g, dz_o = dz[:, :n], dz[:, n:2 * n], dz[:, 2 * n:3 * n], dz[:, 3 * n:]
+        dh = dy + dh_rec
+        tc = xp.tanh(c)
+        xp.multiply(dh, tc, out=dz_o)
+        dz_o *= o
+        dz_o *= 1 - o
+        dc = tc  # tc is not needed any more: dc = dc_next + dh o (1 - tc^2), in its place
+        dc *= tc
+        xp.subtract(1, dc, out=dc)
+        dc *= o
+        dc *= dh
+        dc += dc_next
+        xp.multiply(dc, g, out=dz_i)
+        dz_i *= i
+        dz_i *= 1 - i
+        xp.multiply(dc, c_prev, out=dz_f)
+        dz_f *= f
+        dz_f *= 1 - f
+        xp.multiply(dc, i, out=dz_g)
+        dz_g *= 1 - g * g
+        xp.multiply(dc, f, out=dc_prev)
 
 
 class CudaBackend(KernelOps, Backend):

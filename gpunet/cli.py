@@ -18,14 +18,19 @@ def _train_parser(sub: Any) -> None:
                                    "metrics. Defaults come from the model's registry entry.")
     p.add_argument("model", help="registered model name (see `gpunet info`), e.g. mlp")
     p.add_argument("--data", required=True,
-                   help="dataset: digits (embedded), mnist (with --data-dir), spirals, blobs")
+                   help="dataset: digits (embedded), mnist (with --data-dir), spirals, blobs, "
+                        "shapes (segmentation), adding (regression; --seq-len), digits-rows "
+                        "(sequences)")
     p.add_argument("--data-dir", help="directory of the dataset's files (mnist: the four IDX files)")
+    p.add_argument("--seq-len", type=int, help="sequence length of the adding problem (default 50)")
     p.add_argument("--epochs", type=int, help="number of epochs (model default)")
     p.add_argument("--batch-size", type=int, help="mini-batch size (model default)")
     p.add_argument("--lr", type=float, help="learning rate (model default)")
     p.add_argument("--optimizer", choices=["sgd", "rmsprop", "adam"],
                    help="optimizer (model default)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--clip-norm", type=float,
+                   help="clip the gradients' joint L2 norm at this (model default: lstm, gru 1.0)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or auto (default; $GPUNET_DEVICE overrides auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -63,7 +68,7 @@ def train(args: argparse.Namespace) -> int:
 
     spec = models.get(args.model)
     settings = {**spec.defaults, **{k: getattr(args, k) for k in
-                                    ("epochs", "batch_size", "lr", "optimizer")
+                                    ("epochs", "batch_size", "lr", "optimizer", "clip_norm")
                                     if getattr(args, k) is not None}}
     device = get_device(args.device)
     if args.distributed and device.type == "cuda":
@@ -80,6 +85,10 @@ def train(args: argparse.Namespace) -> int:
         kwargs["flat"] = False  # models flatten what they need; conv models want images
     if args.data_dir is not None:
         kwargs["path"] = args.data_dir
+    if args.seq_len is not None:
+        if "seq_len" not in params:
+            raise ValueError(f"--seq-len: dataset {args.data!r} has no sequence length to set")
+        kwargs["seq_len"] = args.seq_len
     train_set, test_set = loader(**kwargs)
     train_set, val_set = _split(train_set, args.val_fraction, args.seed)
 
@@ -88,7 +97,10 @@ def train(args: argparse.Namespace) -> int:
     opt_kwargs = {"momentum": args.momentum} if settings["optimizer"] == "sgd" else {}
     model.to(device)
     optimizer = opt_cls(model.params(), lr=settings["lr"], **opt_kwargs)
-    trainer = Trainer(model, spec.loss(), optimizer, progress=not args.no_progress, comm=comm)
+    metric = {} if spec.metric is None else {"metric": spec.metric}  # default: accuracy
+    trainer = Trainer(model, spec.make_loss(train_set.num_classes), optimizer,
+                      clip_norm=settings.get("clip_norm"), progress=not args.no_progress,
+                      comm=comm, **metric)
     if comm.rank == 0:
         ranks = f" x {comm.size} ranks" if comm.size > 1 else ""
         print(f"gpunet: training {args.model} on {args.data} ({len(train_set)} train, "
@@ -105,6 +117,9 @@ def train(args: argparse.Namespace) -> int:
     scores = trainer.evaluate(test_set)
     metrics = {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
                "epochs": settings["epochs"], "seconds": round(seconds, 3), "device": device.name}
+    if spec.metric is not None:  # the model's own metric takes accuracy's place: test_dice
+        metrics["test_accuracy"] = None
+        metrics[f"test_{spec.metric.__name__}"] = scores["accuracy"]
     if comm.size > 1:
         metrics["ranks"] = comm.size
     if comm.rank != 0:

@@ -276,11 +276,87 @@ def blobs(n: int = 600, classes: int = 4, features: int = 2,
     return _split(x, y, "blobs", classes, 0.2, generator)
 
 
+def shapes(n: int = 800, size: int = 24, noise: float = 0.15,
+           seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A synthetic segmentation set: ``n`` noisy grey images with 1 to 3 random discs and
+    axis-aligned rectangles, as an 80/20 ``(train, test)`` split. ``x``: float32
+    ``(N, 1, size, size)``; ``y``: float32 masks of the same shape, 1 inside a shape.
+
+    Each image has a background level in [0, 0.4] with a random linear gradient of up to
+    0.2 across it; every shape is brighter than the background by a contrast in
+    [0.25, 0.6]; then Gaussian noise of standard deviation ``noise`` is added. Shapes have
+    radii (or half-sides) between ``size/10`` and ``size/4``. Seeded by ``seed`` alone.
+    """
+    if n < 2 or size < 8 or noise < 0:
+        raise ValueError(f"shapes: expected n >= 2, size >= 8 and noise >= 0, got n={n}, "
+                         f"size={size}, noise={noise}")
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    yy, xx = yy[None], xx[None]  # (1, size, size), broadcast against per-image (n, 1, 1)
+    col = lambda a: a[:, None, None]
+    mask = np.zeros((n, size, size), dtype=bool)
+    count = g.integers(1, 4, n)
+    for k in range(3):  # shape slots: a loop over 3, vectorised over images and pixels
+        lo, hi = size / 10, size / 4
+        cy, cx = g.uniform(hi / 2, size - hi / 2, (2, n))
+        ry, rx = g.uniform(lo, hi, (2, n))
+        disc = g.random(n) < 0.5
+        inside = np.where(col(disc),
+                          (yy - col(cy)) ** 2 + (xx - col(cx)) ** 2 <= col(ry) ** 2,
+                          (np.abs(yy - col(cy)) <= col(ry)) & (np.abs(xx - col(cx)) <= col(rx)))
+        mask |= inside & col(count > k)
+    level = g.uniform(0.0, 0.4, n)
+    slope = g.uniform(-0.2, 0.2, (2, n)) / size
+    background = col(level) + col(slope[0]) * (yy - size / 2) + col(slope[1]) * (xx - size / 2)
+    contrast = g.uniform(0.25, 0.6, n)
+    x = background + col(contrast) * mask + g.normal(0.0, noise, (n, size, size))
+    x, y = x[:, None].astype(np.float32), mask[:, None].astype(np.float32)
+    cut = n - max(1, n // 5)
+    return Dataset(x[:cut], y[:cut], "shapes"), Dataset(x[cut:], y[cut:], "shapes")
+
+
+def adding(seq_len: int = 50, n_train: int = 2000, n_test: int = 1000,
+           seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The adding problem (Hochreiter and Schmidhuber 1997, in the form of Le et al. 2015) as
+    ``(train, test)``: a regression task that needs memory over ``seq_len`` steps.
+
+    Each sample is ``(seq_len, 2)``, batch-major like every dataset here: feature 0 is a
+    value uniform in [0, 1] at every step, feature 1 marks exactly two steps with 1, one in
+    the first half (``t < seq_len // 2``) and one in the second. The target ``(1,)`` is the
+    sum of the two marked values, float32; always answering the mean (1) scores a mean
+    squared error of 1/6 (about 0.167). Seeded by ``seed`` alone.
+    """
+    if seq_len < 2 or n_train < 1 or n_test < 1:
+        raise ValueError(f"adding: expected seq_len >= 2, n_train >= 1 and n_test >= 1, got "
+                         f"{seq_len}, {n_train} and {n_test}")
+    g = np.random.default_rng(seed)
+    n, half = n_train + n_test, seq_len // 2
+    x = np.zeros((n, seq_len, 2))
+    x[:, :, 0] = g.uniform(0.0, 1.0, (n, seq_len))
+    rows, first, second = np.arange(n), g.integers(0, half, n), g.integers(half, seq_len, n)
+    x[rows, first, 1] = x[rows, second, 1] = 1.0
+    y = (x[rows, first, 0] + x[rows, second, 0])[:, None]
+    return (Dataset(x[:n_train], y[:n_train], "adding"),
+            Dataset(x[n_train:], y[n_train:], "adding"))
+
+
+def digits_rows(test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
+    """:func:`digits` read as sequences: each 8x8 image is 8 time steps (its rows) of 8
+    features, ``x`` of shape ``(N, 8, 8)`` (batch-major), ``y`` int64 labels; the same
+    train/test split as :func:`digits`."""
+    train, test = digits(flat=False, test_fraction=test_fraction)
+    rows = lambda d: Dataset(d.x.reshape(-1, 8, 8), d.y, "digits-rows", d.num_classes)
+    return rows(train), rows(test)
+
+
 DATASETS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
+    "adding": adding,
+    "digits-rows": digits_rows,
     "digits": digits,
     "mnist": mnist,
     "spirals": spirals,
     "blobs": blobs,
+    "shapes": shapes,
 }
 
 

@@ -228,3 +228,142 @@ class SoftmaxCrossEntropy(Loss):
             raise ValueError(f"{self.name}: expected labels in [0, {classes}), "
                              f"got {int(target[bad][0])}")
         return target
+
+
+class FocalLoss(Loss):
+    """Focal loss on logits for binary or multi-label targets (Lin et al. 2017,
+    arXiv 1708.02002). ``x``: logits, any shape; ``target``: the same shape, in [0, 1].
+
+    With ``p = sigmoid(x)``: ``p_t = p`` where ``t = 1`` else ``1 - p``, ``alpha_t = alpha``
+    where ``t = 1`` else ``1 - alpha`` (``alpha=None``: 1), and per element
+    ``loss = -alpha_t (1 - p_t)^gamma log(p_t)``; mean over elements for ``reduction="mean"``.
+    Written as torchvision's ``sigmoid_focal_loss`` does, ``p_t = p t + (1 - p)(1 - t)`` and
+    ``alpha_t = alpha t + (1 - alpha)(1 - t)``, which is the formula above for 0/1 targets.
+    Stable for any logits: ``-log(p_t)`` is the cross-entropy ``max(x, 0) - x t +
+    log(1 + e^-|x|)`` and ``1 - p_t = t sigmoid(-x) + (1 - t) sigmoid(x)``, never ``1 - p``.
+    Gradient, with ``m = 1 - p_t`` and ``ce = -log(p_t)``:
+    ``alpha_t (m^gamma (p - t) + gamma m^(gamma-1) (1 - 2t) p (1 - p) ce)``.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25,
+                 reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        if not gamma >= 0:
+            raise ValueError(f"{self.name}: expected gamma >= 0, got {gamma!r}")
+        if alpha is not None and not 0 <= alpha <= 1:
+            raise ValueError(f"{self.name}: expected alpha in [0, 1] or None, got {alpha!r}")
+        self.gamma, self.alpha = float(gamma), alpha
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(gamma={self.gamma!r}, alpha={self.alpha!r}, "
+                f"reduction={self.reduction!r})")
+
+    def _parts(self, ops: Backend, x: Array, t: Array) -> tuple[Any, Array, Array, Array, Array]:
+        p, q = ops.sigmoid(x), ops.sigmoid(-x)  # q = 1 - p without cancellation
+        m = t * q + (1 - t) * p                   # 1 - p_t
+        ce = ops.maximum(x, 0) - x * t + ops.log1p(ops.exp(-ops.abs(x)))  # -log p_t
+        a = 1 if self.alpha is None else self.alpha * t + (1 - self.alpha) * (1 - t)
+        return a, p, q, m, ce
+
+    def _terms(self, ops: Backend, x: Array, target: Array) -> Array:
+        a, _, _, m, ce = self._parts(ops, x, target)
+        return a * m ** self.gamma * ce
+
+    def _dterms(self, ops: Backend, x: Array, target: Array) -> Array:
+        a, p, q, m, ce = self._parts(ops, x, target)
+        grad = m ** self.gamma * (p - target)
+        if self.gamma != 0:  # m = 0 only where p (1 - p) = 0 too: that term is 0 there
+            m_pow = ops.where(m > 0, m, 1) ** (self.gamma - 1)
+            grad = grad + self.gamma * m_pow * (1 - 2 * target) * p * q * ce
+        return a * grad
+
+
+class DiceLoss(Loss):
+    """Dice loss for segmentation. ``pred``: predicted probabilities ``H`` of shape
+    ``(N, ...)``; ``target``: the mask ``Y``, same shape, in [0, 1].
+
+    Per sample, over all non-batch axes: ``S = sum(G Y H)``, ``f(A) = sum(G A)``,
+    ``loss = 1 - (2 S + smooth) / (f(Y) + f(H) + smooth)``; mean over the batch for
+    ``reduction="mean"`` (``"sum"``: the sum). ``weights`` ``G``: values in [0, 1] of a shape
+    that broadcasts to one sample's shape (per class: ``(C, 1, 1)``), default 1. Gradient,
+    with ``F = f(Y) + f(H) + smooth``: ``G ((2 S + smooth) - 2 Y F) / F^2``.
+    """
+
+    def __init__(self, smooth: float = 1.0, weights: Any = None, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        if not smooth >= 0:
+            raise ValueError(f"{self.name}: expected smooth >= 0, got {smooth!r}")
+        self.smooth = float(smooth)
+        self.weights = None
+        if weights is not None:
+            w = np.asarray(weights.get() if is_device_array(weights) else weights,
+                           dtype=np.float64)
+            if w.size == 0 or not bool(np.all((w >= 0) & (w <= 1))):
+                raise ValueError(f"{self.name}: expected weights in [0, 1], got values in "
+                                 f"[{w.min(initial=np.nan)}, {w.max(initial=np.nan)}]")
+            self.weights = w
+        self._device_weights: dict[tuple[str, str], Array] = {}
+
+    def __repr__(self) -> str:
+        w = None if self.weights is None else f"<array {self.weights.shape}>"
+        return f"{self.name}(smooth={self.smooth!r}, weights={w}, reduction={self.reduction!r})"
+
+    def positions(self, pred: Array) -> int:
+        return pred.shape[0]
+
+    def _check_target(self, ops: Backend, pred: Array, target: Any) -> Array:
+        if pred.ndim < 2:
+            raise ShapeError(f"{self.name}: expected a prediction of shape (N, ...) with at "
+                             f"least 2 axes, got {tuple(pred.shape)}")
+        if self.weights is not None:
+            sample = tuple(pred.shape[1:])
+            try:
+                fits = np.broadcast_shapes(self.weights.shape, sample) == sample
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ShapeError(f"{self.name}: expected weights that broadcast to one "
+                                 f"sample's shape {sample}, got {self.weights.shape}")
+        return super()._check_target(ops, pred, target)
+
+    def _weights(self, ops: Backend, dtype: Any) -> Array | None:
+        if self.weights is None:
+            return None
+        key = (ops.name, str(dtype))
+        if key not in self._device_weights:
+            self._device_weights[key] = ops.asarray(self.weights, dtype=dtype)
+        return self._device_weights[key]
+
+    def _sums(self, ops: Backend, h: Array, y: Array) -> tuple[Array | None, Array, Array]:
+        """``G``, ``2 S + smooth`` and ``F`` per sample, shaped ``(N, 1, ..., 1)``."""
+        g = self._weights(ops, h.dtype)
+        gy, gh = (y, h) if g is None else (g * y, g * h)
+        axes = tuple(range(1, h.ndim))
+        num = 2 * ops.sum(gy * h, axis=axes, keepdims=True) + self.smooth
+        den = ops.sum(gy, axis=axes, keepdims=True) + ops.sum(gh, axis=axes, keepdims=True) \
+            + self.smooth
+        return g, num, den
+
+    def _terms(self, ops: Backend, h: Array, y: Array) -> Array:
+        _, num, den = self._sums(ops, h, y)
+        return 1 - num / den
+
+    def _dterms(self, ops: Backend, h: Array, y: Array) -> Array:
+        g, num, den = self._sums(ops, h, y)
+        grad = (num - 2 * y * den) / (den * den)
+        return grad if g is None else g * grad
+
+
+def dice(pred: Any, target: Any, threshold: float = 0.5) -> float | None:
+    """The mean Dice coefficient of a batch, a :class:`~gpunet.Trainer` metric: per sample,
+    ``2 |P & Y| / (|P| + |Y|)`` with ``P = pred > threshold`` and ``Y = target > 0.5`` over
+    all non-batch axes (1 where both are empty). None unless ``target`` is a float mask of
+    ``pred``'s shape (labels, for instance)."""
+    if tuple(pred.shape) != tuple(target.shape) or target.dtype.kind != "f" or pred.ndim < 2:
+        return None
+    axes = tuple(range(1, pred.ndim))
+    p, y = pred > threshold, target > 0.5
+    inter = (p & y).sum(axis=axes)
+    total = p.sum(axis=axes) + y.sum(axis=axes)
+    empty = total == 0
+    return float(((2 * inter + empty) / (total + empty)).mean())

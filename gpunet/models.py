@@ -5,13 +5,17 @@ its loss and the training defaults under which it reaches its documented accurac
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .layers import Dense, Flatten, ReLU, Sequential
+from .layers import (Concat, Conv2D, Dense, Flatten, Graph, MaxPool2D, ReLU, Sequential,
+                     Sigmoid, Upscale2D)
 from .layers.base import Layer
-from .losses import Loss, SoftmaxCrossEntropy
+from .losses import DiceLoss, Loss, SoftmaxCrossEntropy, dice
+from .layers import GRU, LSTM, LastStep, TimeMajor
+from .losses import MSE
 
 
 @dataclass
@@ -21,16 +25,26 @@ class ModelSpec:
     loss: Callable[[], Loss]
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: the Trainer's metric (``metric(pred, target) -> float | None``); None: its accuracy
+    metric: Callable[[Any, Any], float | None] | None = None
+
+    def make_loss(self, num_classes: int | None) -> Loss:
+        """The entry's loss for a dataset: ``loss(num_classes=...)`` when the entry's loss
+        takes the number of classes (None for regression targets), else ``loss()``."""
+        if "num_classes" in inspect.signature(self.loss).parameters:
+            return self.loss(num_classes=num_classes)
+        return self.loss()
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
 def register(name: str, loss: Callable[[], Loss], description: str = "",
+             metric: Callable[[Any, Any], float | None] | None = None,
              **defaults: Any) -> Callable[[Callable[..., Layer]], Callable[..., Layer]]:
     """Decorator: register ``build(input_shape, num_classes) -> Layer`` under ``name``."""
     def wrap(build: Callable[..., Layer]) -> Callable[..., Layer]:
-        MODELS[name] = ModelSpec(name, build, loss, defaults, description)
+        MODELS[name] = ModelSpec(name, build, loss, defaults, description, metric)
         return build
     return wrap
 
@@ -48,3 +62,96 @@ def mlp(input_shape: tuple[int, ...], num_classes: int | None, hidden: int = 256
     features = math.prod(input_shape)
     return Sequential([Flatten(), Dense(features, hidden), ReLU(),
                        Dense(hidden, hidden), ReLU(), Dense(hidden, num_classes or 1)])
+
+
+@register("lenet", SoftmaxCrossEntropy, "LeNet-5: conv 5x5 (6), max-pool, conv 5x5 (16), "
+          "max-pool, dense 120, 84, classes; ReLU", epochs=30, batch_size=32, lr=2e-3,
+          optimizer="adam")
+def lenet(input_shape: tuple[int, ...], num_classes: int | None) -> Layer:
+    """LeNet-5 for images ``(C, H, W)``. The paddings adapt to the input size: the first
+    convolution keeps ``H x W`` below 32x32 (MNIST 28x28 -> 28, as the original's 32x32
+    -> 28), the second is unpadded (``valid``) when its input is at least 10x10 and ``same``
+    otherwise, so digits 8x8 give 8 -> 4 -> 4 -> 2 and MNIST 28 -> 14 -> 10 -> 5."""
+    if len(input_shape) != 3 or min(input_shape[1:]) < 4:
+        raise ValueError(f"lenet: expected images of shape (C, H, W) of at least 4x4, got "
+                         f"input shape {tuple(input_shape)}")
+    c, h, w = input_shape
+    pad1 = 2 if min(h, w) < 32 else 0
+    h1, w1 = (h + 2 * pad1 - 4) // 2, (w + 2 * pad1 - 4) // 2
+    pad2 = 0 if min(h1, w1) >= 10 else 2
+    h2, w2 = (h1 + 2 * pad2 - 4) // 2, (w1 + 2 * pad2 - 4) // 2
+    return Sequential([
+        Conv2D(c, 6, 5, padding=pad1, init="he_uniform"), ReLU(), MaxPool2D(2),
+        Conv2D(6, 16, 5, padding=pad2, init="he_uniform"), ReLU(), MaxPool2D(2),
+        Flatten(), Dense(16 * h2 * w2, 120, init="he_uniform"), ReLU(),
+        Dense(120, 84, init="he_uniform"), ReLU(), Dense(84, num_classes or 1)])
+
+
+def _conv_block(g: Graph, name: str, source: str, cin: int, cout: int) -> str:
+    """Two 3x3 ``same`` convolutions with ReLU; returns the last node's name."""
+    g.add(f"{name}_conv1", Conv2D(cin, cout, 3, padding="same", init="he_uniform"), source)
+    g.add(f"{name}_relu1", ReLU(), f"{name}_conv1")
+    g.add(f"{name}_conv2", Conv2D(cout, cout, 3, padding="same", init="he_uniform"),
+          f"{name}_relu1")
+    g.add(f"{name}_relu2", ReLU(), f"{name}_conv2")
+    return f"{name}_relu2"
+
+
+@register("unet", DiceLoss, "U-Net: two down and two up levels, Concat skips, Upscale2D, "
+          "sigmoid output; Dice loss; reports the Dice coefficient", metric=dice,
+          epochs=6, batch_size=16, lr=3e-3, optimizer="adam")
+def unet(input_shape: tuple[int, ...], num_classes: int | None, width: int = 8) -> Layer:
+    """A small U-Net for images ``(C, H, W)`` with ``H`` and ``W`` divisible by 4: encoder
+    blocks of ``width`` and ``2 width`` channels, each followed by 2x2 max pooling, a
+    bottleneck of ``4 width``, then per level Upscale2D(2), Concat with the encoder's skip
+    and a block; a 1x1 convolution to ``num_classes`` (default 1) maps and a sigmoid."""
+    if len(input_shape) != 3 or input_shape[1] % 4 or input_shape[2] % 4:
+        raise ValueError(f"unet: expected images of shape (C, H, W) with H and W divisible "
+                         f"by 4, got input shape {tuple(input_shape)}")
+    c = input_shape[0]
+    g = Graph("x")
+    e1 = _conv_block(g, "enc1", "x", c, width)
+    g.add("pool1", MaxPool2D(2), e1)
+    e2 = _conv_block(g, "enc2", "pool1", width, 2 * width)
+    g.add("pool2", MaxPool2D(2), e2)
+    b = _conv_block(g, "mid", "pool2", 2 * width, 4 * width)
+    g.add("up2", Upscale2D(2), b)
+    g.add("cat2", Concat(axis=1), ["up2", e2])
+    d2 = _conv_block(g, "dec2", "cat2", 6 * width, 2 * width)
+    g.add("up1", Upscale2D(2), d2)
+    g.add("cat1", Concat(axis=1), ["up1", e1])
+    d1 = _conv_block(g, "dec1", "cat1", 3 * width, width)
+    g.add("head", Conv2D(width, num_classes or 1, 1, init="glorot_uniform"), d1)
+    g.add("out", Sigmoid(), "head")
+    return g
+
+
+def by_target(num_classes: int | None) -> Loss:
+    """SoftmaxCrossEntropy for class labels, MSE for float (regression) targets."""
+    return SoftmaxCrossEntropy() if num_classes else MSE()
+
+
+def _sequence_model(cell: type[LSTM] | type[GRU], input_shape: tuple[int, ...],
+                    num_classes: int | None, hidden: int) -> Layer:
+    if len(input_shape) != 2:
+        raise ValueError(f"{cell.__name__.lower()}: expected sequences of shape (T, F) per "
+                         f"sample, got input shape {tuple(input_shape)}")
+    return Sequential([TimeMajor(), cell(input_shape[1], hidden), LastStep(),
+                       Dense(hidden, num_classes or 1)])
+
+
+_SEQUENCE_DEFAULTS = dict(epochs=30, batch_size=32, lr=5e-3, optimizer="adam", clip_norm=1.0)
+
+
+@register("lstm", by_target, "LSTM of 64 on sequences (N, T, F) stored batch-major; "
+          "classes or one regression output from the last step", **_SEQUENCE_DEFAULTS)
+def lstm(input_shape: tuple[int, ...], num_classes: int | None, hidden: int = 64) -> Layer:
+    """``TimeMajor``, ``LSTM(F, hidden)``, ``LastStep``, ``Dense(hidden, classes or 1)``
+    for samples ``(T, F)``: logits for SoftmaxCrossEntropy, or one value for MSE."""
+    return _sequence_model(LSTM, input_shape, num_classes, hidden)
+
+
+@register("gru", by_target, "GRU of 64, otherwise as lstm", **_SEQUENCE_DEFAULTS)
+def gru(input_shape: tuple[int, ...], num_classes: int | None, hidden: int = 64) -> Layer:
+    """As :func:`lstm` with a ``GRU``."""
+    return _sequence_model(GRU, input_shape, num_classes, hidden)

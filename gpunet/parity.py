@@ -17,6 +17,10 @@ from .backend import Backend, asarray, available_devices, to_numpy
 from .layers import (ELU, SELU, BatchNorm, Concat, Dense, Dropout, Flatten, Graph, LeakyReLU,
                      NonlinearityGenerator, ReLU, Sequential, Sigmoid, SigmoidGenerator,
                      Softmax, Softplus, Sum, Tanh)
+from .layers import (AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D, Subsampling2D,
+                     Upscale2D)
+from .layers import (GRU, LSTM, RNN, AvgPoolTime, LastStep, MultiplicativeRNN, Recurrent2D,
+                     TimeMajor)
 from .layers.base import Layer
 
 #: Allowed error per dtype: an entry passes when ``|got - want| <= atol + rtol * |want|``.
@@ -84,6 +88,42 @@ CASES: dict[str, Case] = {
     "BatchNorm-eval": Case(lambda: BatchNorm(3), _normal(4, 3, 2, 2), training=False),
     "Sequential": Case(lambda: Sequential([Dense(6, 8), ReLU(), Dense(8, 3)]), _normal(4, 6)),
     "Graph": Case(_residual, _normal(4, 6)),
+    # convolution and pooling: strides, padding, non-square kernels, a batch of one
+    "Conv2D": Case(lambda: Conv2D(2, 3, 3, padding=1), _normal(2, 2, 5, 5)),
+    "Conv2D-strided": Case(lambda: Conv2D(3, 2, (3, 2), stride=(2, 1), padding=(1, 0)),
+                           _normal(2, 3, 6, 5)),
+    "Conv2D-batch1": Case(lambda: Conv2D(1, 2, (2, 3), stride=2, padding="valid", bias=False),
+                          _normal(1, 1, 7, 6)),
+    "Conv2D-same": Case(lambda: Conv2D(2, 2, 5, padding="same"), _normal(1, 2, 4, 3)),
+    "MaxPool2D": Case(lambda: MaxPool2D(2), _normal(2, 3, 4, 6)),
+    "MaxPool2D-overlap": Case(lambda: MaxPool2D(3, stride=2, padding=1), _normal(1, 2, 7, 6)),
+    "MaxPool2D-rect": Case(lambda: MaxPool2D((2, 3), stride=(1, 2)), _normal(2, 1, 5, 7)),
+    "AvgPool2D": Case(lambda: AvgPool2D(2), _normal(2, 2, 4, 5)),
+    "AvgPool2D-overlap": Case(lambda: AvgPool2D((3, 2), stride=(2, 1), padding=1),
+                              _normal(1, 2, 5, 6)),
+    "Subsampling2D": Case(lambda: Subsampling2D(3, 2), _normal(2, 3, 4, 6)),
+    "Upscale2D": Case(lambda: Upscale2D(2), _normal(2, 2, 3, 2)),
+    "GlobalAvgPool2D": Case(GlobalAvgPool2D, _normal(3, 4, 3, 2)),
+    # sequences (T, N, F): several steps, batch > 1; "-state" cases pass initial states
+    "RNN": Case(lambda: RNN(3, 5), _normal(4, 3, 3)),
+    "RNN-sigmoid-state": Case(lambda: RNN(3, 4, activation="sigmoid"),
+                              lambda g: [g.normal(size=(3, 2, 3)), g.normal(size=(2, 4))]),
+    "LSTM": Case(lambda: LSTM(3, 5), _normal(4, 3, 3)),
+    "LSTM-state": Case(lambda: LSTM(4, 6), lambda g: [g.normal(size=(5, 45, 4)),  # 270 units:
+                                                      g.normal(size=(45, 6)),  # two blocks
+                                                      g.normal(size=(45, 6))]),
+    "GRU": Case(lambda: GRU(3, 5), _normal(4, 3, 3)),
+    "GRU-state": Case(lambda: GRU(2, 4), lambda g: [g.normal(size=(3, 2, 2)),
+                                                    g.normal(size=(2, 4))]),
+    "MultiplicativeRNN": Case(lambda: MultiplicativeRNN(3, 5, factors=4), _normal(4, 3, 3)),
+    "MultiplicativeRNN-2": Case(lambda: MultiplicativeRNN([3, 2], 4),
+                                lambda g: [g.normal(size=(4, 2, 3)), g.normal(size=(4, 2, 2)),
+                                           g.normal(size=(2, 4))]),
+    "Recurrent2D": Case(lambda: Recurrent2D(3, 4), _normal(2, 3, 3, 4)),
+    "AvgPoolTime": Case(AvgPoolTime, _normal(7, 2, 3)),
+    "AvgPoolTime-5-3": Case(lambda: AvgPoolTime(5, 3), _normal(8, 2, 3)),
+    "LastStep": Case(LastStep, _normal(4, 2, 3)),
+    "TimeMajor": Case(TimeMajor, _normal(2, 4, 3)),
 }
 
 

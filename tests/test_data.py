@@ -245,7 +245,7 @@ def test_load_and_registry():
     assert set(data.DATASETS) >= {"digits", "mnist", "spirals", "blobs"}
     train, test = data.load("blobs", n=50, classes=2)
     assert len(train) + len(test) == 50 and train.num_classes == 2
-    with pytest.raises(ValueError, match="blobs, digits, mnist, spirals"):
+    with pytest.raises(ValueError, match="known: .*blobs, digits, .*mnist, .*spirals"):
         data.load("cifar")
 
 

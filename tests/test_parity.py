@@ -14,7 +14,8 @@ from gpunet.layers import LAYERS
 # reverse and shuffled orders (for the cases that launch kernels) show that no result
 # depends on the order between barriers.
 DEVICES = ["cpu", "emulated", "cuda"]
-KERNEL_CASES = [name for name in parity.CASES if name.startswith("BatchNorm")]
+KERNEL_CASES = [name for name in parity.CASES
+                if name.startswith(("BatchNorm", "Conv2D", "MaxPool2D", "LSTM"))]
 
 
 def get(spec: str) -> Backend:

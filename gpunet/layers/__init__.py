@@ -3,14 +3,21 @@ from .activations import (ELU, SELU, LeakyReLU, NonlinearityGenerator, ReLU, Sig
                           SigmoidGenerator, Softmax, Softplus, Tanh)
 from .base import LAYERS, Layer, Parameter, from_config
 from .containers import Graph, Sequential
+from .conv import Conv2D
 from .dense import Dense
 from .dropout import Dropout
 from .merge import Concat, Sum
 from .normalization import BatchNorm
+from .pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D, Subsampling2D, Upscale2D
 from .reshape import Flatten
+from .recurrent import (GRU, LSTM, RNN, AvgPoolTime, LastStep, MultiplicativeRNN,
+                        Recurrent2D, TimeMajor)
 
 __all__ = [
     "LAYERS", "Layer", "Parameter", "from_config", "Dense", "Sigmoid", "Tanh", "ReLU",
     "LeakyReLU", "ELU", "SELU", "Softplus", "Softmax", "SigmoidGenerator",
     "NonlinearityGenerator", "BatchNorm", "Dropout", "Flatten", "Sum", "Concat", "Sequential", "Graph",
+    "Conv2D", "MaxPool2D", "AvgPool2D", "Subsampling2D", "Upscale2D", "GlobalAvgPool2D",
+    "RNN", "LSTM", "GRU", "MultiplicativeRNN", "Recurrent2D", "AvgPoolTime", "LastStep",
+    "TimeMajor",
 ]

@@ -1,0 +1,252 @@
+"""Conv2D: forward against the convolution sum written as loops, gradient checks, the
+kernels on the emulated device against the generic code in every thread order, bad inputs,
+saving, and LeNet trained from the command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpunet
+from gpunet import DTypeError, ShapeError, StateError, gradcheck
+from gpunet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+
+R = np.random.default_rng(17)
+
+
+def conv_loops(x, w, b, stride, padding) -> np.ndarray:
+    """The cross-correlation sum, one output value at a time in plain Python arithmetic;
+    positions outside the image contribute nothing."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    y = np.zeros((n, o, ho, wo))
+    for s in range(n):
+        for k in range(o):
+            for p in range(ho):
+                for q in range(wo):
+                    total = 0.0 if b is None else float(b[k])
+                    for ch in range(c):
+                        for i in range(kh):
+                            for j in range(kw):
+                                r, col = p * sh + i - ph, q * sw + j - pw
+                                if 0 <= r < h and 0 <= col < wd:
+                                    total += float(w[k, ch, i, j]) * float(x[s, ch, r, col])
+                    y[s, k, p, q] = total
+    return y
+
+
+# (in, out, kernel, stride, padding, bias, input shape)
+CONFIGS = [
+    (2, 3, 3, 1, 1, True, (2, 2, 5, 5)),
+    (3, 2, (3, 2), (2, 1), (1, 0), True, (2, 3, 6, 5)),
+    (1, 2, (2, 3), 2, "valid", False, (1, 1, 7, 6)),
+    (2, 2, 5, 1, "same", True, (1, 2, 4, 3)),         # kernel larger than the unpadded input
+    (2, 3, 2, 3, 0, True, (2, 2, 7, 8)),              # stride > kernel: some pixels unread
+    (4, 1, 1, 1, 0, True, (3, 4, 2, 3)),              # 1x1
+    (1, 2, (1, 4), (1, 2), (0, 2), True, (2, 1, 3, 5)),
+]
+
+
+def make(config, dtype=np.float64, device="cpu") -> tuple[Conv2D, np.ndarray]:
+    cin, cout, k, s, p, bias, shape = config
+    gpunet.seed(3)
+    layer = Conv2D(cin, cout, k, stride=s, padding=p, bias=bias).to(device, dtype)
+    if bias:
+        layer.bias.data[...] = gpunet.asarray(np.linspace(-0.5, 0.5, cout), device, dtype)
+    return layer, R.normal(size=shape)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_forward_matches_the_loops(config):
+    layer, x = make(config)
+    w = layer.weight.data
+    b = None if layer.bias is None else layer.bias.data
+    y = layer.forward(x)
+    np.testing.assert_allclose(y, conv_loops(x, w, b, layer.stride, layer.padding),
+                               rtol=1e-12, atol=1e-12)
+    assert y.flags.c_contiguous
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gradcheck(config):
+    layer, x = make(config)
+    report = gradcheck(layer, x)
+    assert report.ok, str(report)
+    assert set(report.errors) == {"input", *layer.params()}
+
+
+def test_same_and_valid_padding_and_pairs():
+    assert Conv2D(1, 1, 5, padding="same").padding == (2, 2)
+    assert Conv2D(1, 1, (3, 5), padding="same").padding == (1, 2)
+    assert Conv2D(1, 1, 3, padding="valid").padding == (0, 0)
+    layer = Conv2D(1, 1, [3, 1], stride=[2, 1], padding=[1, 0])
+    assert (layer.kernel, layer.stride, layer.padding) == ((3, 1), (2, 1), (1, 0))
+    assert layer.weight.shape == (1, 1, 3, 1)
+    y = Conv2D(2, 4, 3, padding="same").forward(np.zeros((1, 2, 6, 5), np.float32))
+    assert y.shape == (1, 4, 6, 5)
+
+
+def test_float32_end_to_end():
+    layer = Conv2D(2, 3, 3, padding=1)
+    x = R.normal(size=(2, 2, 5, 5)).astype(np.float32)
+    y = layer.forward(x)
+    dx = layer.backward(np.ones_like(y))
+    assert y.dtype == dx.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == np.float32
+
+
+def test_gradients_accumulate():
+    layer, x = make(CONFIGS[0])
+    dy = R.normal(size=(2, 3, 5, 5))
+    layer.forward(x)
+    layer.backward(dy)
+    once = layer.weight.grad.copy()
+    layer.forward(x)
+    layer.backward(dy)
+    np.testing.assert_allclose(layer.weight.grad, 2 * once, rtol=1e-12)
+
+
+def test_a_small_convnet_passes_gradcheck():
+    gpunet.seed(0)
+    model = Sequential([Conv2D(1, 2, 3, padding=1), ReLU(), MaxPool2D(2), Flatten(),
+                        Dense(2 * 3 * 3, 3)])
+    report = gradcheck(model, R.normal(size=(2, 1, 6, 6)))
+    assert report.ok, str(report)
+
+
+# -- the kernels on the CPU emulator, against the generic code -------------------------------
+ORDERS = ["forward", "reverse", "shuffled"]
+GEOMETRIES = [  # x shape, kernel, stride, padding
+    ((2, 3, 6, 5), (3, 2), (2, 1), (1, 0)),
+    ((1, 1, 7, 6), (2, 3), (2, 2), (0, 0)),
+    ((2, 2, 7, 8), (2, 2), (3, 3), (0, 0)),
+    ((1, 2, 4, 3), (5, 5), (1, 1), (2, 2)),
+    ((3, 2, 9, 9), (3, 3), (1, 1), (1, 1)),   # more output positions than a block has threads
+]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("shape, kernel, stride, padding", GEOMETRIES)
+def test_conv_kernels_match_the_generic_code(shape, kernel, stride, padding, order, dtype, tol):
+    cpu, emu = gpunet.device("cpu"), gpunet.device(f"emulated:{order}")
+    x = R.normal(size=shape).astype(dtype)
+    cols = emu.im2col(x, kernel, stride, padding)
+    np.testing.assert_array_equal(cols, cpu.im2col(x, kernel, stride, padding))
+    dcols = R.normal(size=cols.shape).astype(dtype)
+    got = emu.col2im(dcols, shape, kernel, stride, padding)
+    want = cpu.col2im(dcols.astype(np.float64), shape, kernel, stride, padding)
+    assert got.dtype == dtype and got.shape == shape
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    dy = R.normal(size=(shape[0], 5, 7, 11)).astype(dtype)  # N * HW = 77 or 231 per channel
+    np.testing.assert_allclose(emu.conv_bias_grad(dy), dy.astype(np.float64).sum(axis=(0, 2, 3)),
+                               rtol=tol, atol=tol)
+
+
+def test_col2im_is_the_adjoint_of_im2col():
+    """<im2col(x), c> = <x, col2im(c)> for every x and c: col2im is exactly the transpose."""
+    shape, kernel, stride, padding = GEOMETRIES[0]
+    for dev in (gpunet.device("cpu"), gpunet.device("emulated")):
+        x = R.normal(size=shape)
+        c = R.normal(size=dev.im2col(x, kernel, stride, padding).shape)
+        lhs = float((dev.im2col(x, kernel, stride, padding) * c).sum())
+        rhs = float((x * dev.col2im(c, shape, kernel, stride, padding)).sum())
+        assert abs(lhs - rhs) < 1e-10 * max(1.0, abs(lhs))
+
+
+# -- bad inputs ----------------------------------------------------------------------------
+f32 = lambda *s: np.zeros(s, np.float32)
+
+
+@pytest.mark.parametrize("layer, x, error, match", [
+    (Conv2D(3, 4, 3), f32(2, 4, 8, 8), ShapeError,
+     r"Conv2D: expected input of shape \(N, 3, H, W\), got \(2, 4, 8, 8\)"),
+    (Conv2D(1, 4, 5, padding=1), f32(2, 1, 2, 6), ShapeError,
+     r"Conv2D: kernel 5x5 is larger than the padded input 4x8 \(input 2x6, padding 1x1\); "
+     r"expected an input of at least 3x3, got shape \(2, 1, 2, 6\)"),
+    (Conv2D(1, 4, (1, 3)), f32(2, 1, 4, 2), ShapeError, "Conv2D: kernel 1x3 is larger than"),
+    (Conv2D(1, 1, 3), f32(1, 8, 8), ShapeError, r"Conv2D: expected 4-D input, got shape \(1, 8, 8\)"),
+    (Conv2D(1, 1, 3), np.zeros((1, 1, 4, 4)), DTypeError, "Conv2D: expected input of dtype float32, got float64"),
+])
+def test_bad_input(layer, x, error, match):
+    before = {k: p.data.copy() for k, p in layer.params().items()}
+    with pytest.raises(error, match=match):
+        layer.forward(x)
+    for k, p in layer.params().items():
+        np.testing.assert_array_equal(p.data, before[k])
+
+
+def test_bad_gradient_and_order():
+    layer = Conv2D(1, 2, 3)
+    with pytest.raises(StateError, match="Conv2D: backward called before forward"):
+        layer.backward(f32(1, 2, 2, 2))
+    layer.forward(f32(1, 1, 4, 4))
+    with pytest.raises(ShapeError, match=r"Conv2D: expected output gradient of shape \(1, 2, 2, 2\), got \(1, 2, 4, 4\)"):
+        layer.backward(f32(1, 2, 4, 4))
+    assert layer.backward(f32(1, 2, 2, 2)).shape == (1, 1, 4, 4)  # the state was kept
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((0, 2, 3), {}, "Conv2D: expected positive in_channels and out_channels, got 0 and 2"),
+    ((1, 2, 0), {}, r"Conv2D: expected kernel_size to be an int >= 1 or a pair of them, got 0"),
+    ((1, 2, (3, 3, 3)), {}, "Conv2D: expected kernel_size to be an int >= 1 or a pair"),
+    ((1, 2, 3), {"stride": 0}, "Conv2D: expected stride to be an int >= 1"),
+    ((1, 2, 3), {"padding": -1}, "Conv2D: expected padding to be an int >= 0"),
+    ((1, 2, 3), {"padding": "full"}, "Conv2D: expected padding 'same', 'valid', an int >= 0"),
+    ((1, 2, 4), {"padding": "same"}, r"Conv2D: padding='same' needs stride 1 and an odd kernel"),
+    ((1, 2, 3), {"padding": "same", "stride": 2}, "Conv2D: padding='same' needs stride 1"),
+    ((1, 2, 3), {"init": "nope"}, "unknown initialiser 'nope'"),
+])
+def test_bad_constructor_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Conv2D(*args, **kwargs)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = Sequential([Conv2D(1, 3, (3, 2), stride=(2, 1), padding=(1, 0)),
+                        ReLU(), Conv2D(3, 2, 3, padding="same", bias=False)])
+    x = R.normal(size=(2, 1, 7, 6)).astype(np.float32)
+    gpunet.save(model, tmp_path / "conv.npz")
+    loaded = gpunet.load(tmp_path / "conv.npz")
+    np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+    assert loaded.layers[0].stride == (2, 1) and loaded.layers[2].padding == (1, 1)
+
+
+# -- LeNet ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, flat", [((1, 8, 8), 64), ((1, 28, 28), 400), ((3, 32, 32), 400)])
+def test_lenet_adapts_to_the_input_size(shape, flat):
+    model = gpunet.models.get("lenet").build(shape, 10)
+    assert model.forward(f32(2, *shape)).shape == (2, 10)
+    assert model[7].in_features == flat  # the Dense after Flatten
+
+
+def test_lenet_refuses_flat_input():
+    with pytest.raises(ValueError, match=r"lenet: expected images of shape \(C, H, W\)"):
+        gpunet.models.get("lenet").build((64,), 10)
+
+
+def test_train_lenet_on_digits_from_the_command_line(tmp_path):
+    """`gpunet train lenet --data digits` with the registry defaults reaches 0.97."""
+    metrics = train_command(["lenet", "--data", "digits"], tmp_path)
+    assert set(metrics) == {"test_accuracy", "test_loss", "epochs", "seconds", "device"}
+    assert metrics["test_accuracy"] >= 0.97, metrics
+
+
+def train_command(args: list[str], tmp_path) -> dict:
+    """Run ``gpunet train ARGS --metrics-out FILE`` (the CLI's ``main``) in a fresh process
+    with one BLAS thread, and return the metrics. On a loaded 2-core machine OpenBLAS's
+    worker threads spin-wait for a core: these small convolution GEMMs then ran 20x slower
+    (150 s for the U-Net instead of 7 s), so the run pins the thread count."""
+    out = tmp_path / "metrics.json"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "gpunet", "train", *args, "--device", "cpu",
+                           "--no-progress", "--metrics-out", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text())
