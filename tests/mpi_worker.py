@@ -10,7 +10,7 @@ import numpy as np
 
 import gpunet
 from gpunet import Sequential, Trainer, data, distributed, optim
-from gpunet.layers import BatchNorm, Dense, ReLU
+from gpunet.layers import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from gpunet.losses import SoftmaxCrossEntropy
 
 
@@ -18,7 +18,18 @@ def build(kind: str):
     gpunet.seed(0)
     if kind == "bn":
         return Sequential([Dense(2, 16), BatchNorm(16), ReLU(), Dense(16, 3)])
+    if kind == "conv":
+        return Sequential([Conv2D(1, 4, 3, padding=1), ReLU(), MaxPool2D(2), Flatten(),
+                           Dense(64, 10)])
     return Sequential([Dense(2, 16), ReLU(), Dense(16, 3)])
+
+
+def dataset(scenario: str):
+    if scenario == "conv":  # 256 digit images (1, 8, 8)
+        train, _ = data.digits(flat=False)
+        return data.Dataset(train.x[:256], train.y[:256], "digits", 10)
+    # "uneven": 3 ranks over 194 samples leave a last step of 2, so one rank reads nothing
+    return data.blobs(n=194 if scenario == "uneven" else 256, classes=3)[0]
 
 
 class Checksums(optim.SGD):
@@ -42,9 +53,8 @@ def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     device = gpunet.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
     comm = distributed.init(device)
-    # "uneven": 3 ranks over 194 samples leave a last step of 2, so one rank reads nothing
-    train, _ = data.blobs(n=194 if scenario == "uneven" else 256, classes=3)
-    model = build("bn" if scenario == "bn" else "mlp").to(device)
+    train = dataset(scenario)
+    model = build(scenario).to(device)
     opt = Checksums(model.params(), comm, lr=0.1, momentum=0.9)
     trainer = Trainer(model, SoftmaxCrossEntropy(), opt, progress=False, comm=comm)
     if scenario == "die":

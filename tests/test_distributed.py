@@ -3,6 +3,7 @@ stay identical, the emulated device works, dead or hung ranks stop the job, chec
 resume on any number of ranks."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,14 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpunet
-from gpunet import Sequential, Trainer, data, optim
-from gpunet.layers import Dense, ReLU
+from gpunet import Trainer, optim
 from gpunet.losses import SoftmaxCrossEntropy
 
 pytest.importorskip("mpi4py", reason="mpi4py is installed by .ci/run")
 if shutil.which("mpirun") is None:
     pytest.skip("mpirun (OpenMPI) is installed by .ci/run", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mpi_worker  # noqa: E402  (the worker's model and data are the single-process reference)
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
@@ -32,11 +34,9 @@ def mpirun(n: int, *args: str, timeout: float = 120, env: dict | None = None):
                           capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
 
-def single_process(batch: int, n: int = 256) -> dict[str, np.ndarray]:
+def single_process(batch: int, scenario: str = "mlp") -> dict[str, np.ndarray]:
     """The same model, data and order in one process with the joint batch."""
-    gpunet.seed(0)
-    model = Sequential([Dense(2, 16), ReLU(), Dense(16, 3)])
-    train, _ = data.blobs(n=n, classes=3)
+    model, train = mpi_worker.build(scenario), mpi_worker.dataset(scenario)
     trainer = Trainer(model, SoftmaxCrossEntropy(),
                       optim.SGD(model.params(), lr=0.1, momentum=0.9), progress=False)
     trainer.fit(train, epochs=1, batch_size=batch, seed=5)
@@ -56,6 +56,32 @@ def test_two_ranks_equal_one_process_with_the_joint_batch(tmp_path):
     assert np.all(got["spreads"] == 0), "ranks diverged"
 
 
+def test_a_model_with_convolution_matches_too(tmp_path):
+    out = tmp_path / "r.npz"
+    run = mpirun(2, "conv", str(out))
+    assert run.returncode == 0, run.stderr
+    got = np.load(out)
+    for name, value in single_process(64, "conv").items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert np.all(got["spreads"] == 0)
+
+
+def test_lenet_on_two_ranks_reaches_single_process_accuracy(tmp_path):
+    """The issue's check: `mpirun -np 2 gpunet train lenet --data digits --distributed`."""
+    def train(prefix: list[str], out: Path) -> float:
+        cmd = [*prefix, sys.executable, "-m", "gpunet", "train", "lenet", "--data", "digits",
+               "--device", "cpu", "--no-progress", "--metrics-out", str(out)]
+        if prefix:
+            cmd.append("--distributed")
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300,
+                       env={**ENV, "OPENBLAS_NUM_THREADS": "1"})
+        return json.loads(out.read_text())["test_accuracy"]
+
+    single = train([], tmp_path / "one.json")
+    double = train(["mpirun", "-np", "2"], tmp_path / "two.json")
+    assert single >= 0.97 and abs(double - single) <= 0.01
+
+
 def test_uneven_last_step_is_weighted(tmp_path):
     """Three ranks of 32 (96 a step) over 194 samples: the last step has 2 samples, split
     1/1/0, so each rank's gradient must weigh by its share (and the empty rank by nothing)."""
@@ -63,7 +89,7 @@ def test_uneven_last_step_is_weighted(tmp_path):
     run = mpirun(3, "uneven", str(out))
     assert run.returncode == 0, run.stderr
     got = np.load(out)
-    want = single_process(96, n=194)
+    want = single_process(96, "uneven")
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
