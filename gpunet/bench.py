@@ -26,7 +26,8 @@ import numpy as np
 
 import gpunet
 from gpunet import optim
-from gpunet.layers import Dense, ReLU, Sequential
+from gpunet.layers import (LSTM, BatchNorm, Conv2D, Dense, Flatten, GlobalAvgPool2D, LastStep,
+                           MaxPool2D, ReLU, Sequential, TimeMajor)
 from gpunet.losses import MSE, SoftmaxCrossEntropy
 
 
@@ -50,11 +51,64 @@ def _torch_mlp(torch: Any) -> Any:
                          nn.Linear(512, 10))
 
 
+def _lenet() -> Any:
+    return Sequential([Conv2D(1, 6, 5, padding=2), ReLU(), MaxPool2D(2), Conv2D(6, 16, 5),
+                       ReLU(), MaxPool2D(2), Flatten(), Dense(400, 120), ReLU(),
+                       Dense(120, 84), ReLU(), Dense(84, 10)])
+
+
+def _torch_lenet(torch: Any) -> Any:
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                         nn.Linear(84, 10))
+
+
+def _lstm() -> Any:
+    # data batch-major (N, T, F) as datasets store it; the LSTM runs time-major
+    return Sequential([TimeMajor(), LSTM(64, 256), LastStep(), Dense(256, 1)])
+
+
+class _TorchLSTM:
+    def __new__(cls, torch: Any) -> Any:
+        nn = torch.nn
+
+        class Model(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lstm, self.out = nn.LSTM(64, 256, batch_first=True), nn.Linear(256, 1)
+
+            def forward(self, x: Any) -> Any:
+                return self.out(self.lstm(x)[0][:, -1])
+
+        return Model()
+
+
+def _bn() -> Any:
+    return Sequential([Conv2D(3, 32, 3, padding=1), BatchNorm(32), ReLU(),
+                       Conv2D(32, 32, 3, padding=1), BatchNorm(32), ReLU(), GlobalAvgPool2D(),
+                       Dense(32, 10)])
+
+
+def _torch_bn(torch: Any) -> Any:
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
 WORKLOADS: dict[str, Workload] = {
     "mlp": Workload("batch 128, 784-512-512-10, ReLU, softmax cross-entropy",
                     lambda: Sequential([Dense(784, 512), ReLU(), Dense(512, 512), ReLU(),
                                         Dense(512, 10)]),
                     _torch_mlp, (128, 784)),
+    "lenet": Workload("batch 64, 1x28x28, LeNet-5 with ReLU and max pooling",
+                      _lenet, _torch_lenet, (64, 1, 28, 28)),
+    "lstm": Workload("batch 32, 50 steps, input 64, hidden 256, last state to 1 output, MSE",
+                     _lstm, _TorchLSTM, (32, 50, 64), classes=None, target_shape=(32, 1)),
+    "bn": Workload("batch 128, 3x32x32, 2x (conv 3x3 to 32, BatchNorm, ReLU), global pool, "
+                   "dense 10", _bn, _torch_bn, (128, 3, 32, 32)),
 }
 
 
@@ -63,8 +117,7 @@ def _data(w: Workload, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     x = g.standard_normal(w.x_shape).astype(np.float32)
     if w.classes is None:
         return x, g.standard_normal(w.target_shape).astype(np.float32)
-    return x, g.integers(0, w.classes, w.x_shape[1] if len(w.x_shape) == 3 and
-                         w.target_shape else w.x_shape[0]).astype(np.int64)
+    return x, g.integers(0, w.classes, w.x_shape[0]).astype(np.int64)
 
 
 class _GpunetRunner:
