@@ -3,10 +3,6 @@ kernels on the emulated device against the generic code in every thread order, b
 saving, and LeNet trained from the command line."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +10,7 @@ import pytest
 import gpunet
 from gpunet import DTypeError, ShapeError, StateError, gradcheck
 from gpunet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from helpers import train_command
 
 R = np.random.default_rng(17)
 
@@ -235,18 +232,3 @@ def test_train_lenet_on_digits_from_the_command_line(tmp_path):
     metrics = train_command(["lenet", "--data", "digits"], tmp_path)
     assert set(metrics) == {"test_accuracy", "test_loss", "epochs", "seconds", "device"}
     assert metrics["test_accuracy"] >= 0.97, metrics
-
-
-def train_command(args: list[str], tmp_path) -> dict:
-    """Run ``gpunet train ARGS --metrics-out FILE`` (the CLI's ``main``) in a fresh process
-    with one BLAS thread, and return the metrics. On a loaded 2-core machine OpenBLAS's
-    worker threads spin-wait for a core: these small convolution GEMMs then ran 20x slower
-    (150 s for the U-Net instead of 7 s), so the run pins the thread count."""
-    out = tmp_path / "metrics.json"
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "gpunet", "train", *args, "--device", "cpu",
-                           "--no-progress", "--metrics-out", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(out.read_text())

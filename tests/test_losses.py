@@ -11,24 +11,9 @@ import gpunet
 from gpunet.errors import DeviceError, DTypeError, ShapeError, StateError
 from gpunet.losses import (MSE, BinaryCrossEntropy, BinaryCrossEntropyWithLogits,
                            NegativeLogProbability, SoftmaxCrossEntropy)
+from helpers import analytic_grad, numeric_grad
 
 R = np.random.default_rng(11)
-
-
-def numeric_grad(loss, pred: np.ndarray, target, h: float = 1e-6) -> np.ndarray:
-    """Central differences of ``loss.forward`` with respect to each entry of float64 ``pred``."""
-    grad = np.zeros_like(pred)
-    for i in np.ndindex(pred.shape):
-        up, down = pred.copy(), pred.copy()
-        up[i] += h
-        down[i] -= h
-        grad[i] = (loss.forward(up, target) - loss.forward(down, target)) / (2 * h)
-    return grad
-
-
-def analytic_grad(loss, pred: np.ndarray, target) -> np.ndarray:
-    loss.forward(pred, target)
-    return loss.backward()
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -2,11 +2,7 @@
 Dice metric, the synthetic `shapes` set, the U-Net, and `gpunet train unet --data shapes`."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,23 +11,9 @@ import gpunet
 from gpunet import DiceLoss, FocalLoss, ShapeError, gradcheck
 from gpunet.data import shapes
 from gpunet.losses import dice
+from helpers import analytic_grad, numeric_grad, train_command
 
 R = np.random.default_rng(29)
-
-
-def numeric_grad(loss, pred: np.ndarray, target, h: float = 1e-6) -> np.ndarray:
-    grad = np.zeros_like(pred)
-    for i in np.ndindex(pred.shape):
-        up, down = pred.copy(), pred.copy()
-        up[i] += h
-        down[i] -= h
-        grad[i] = (loss.forward(up, target) - loss.forward(down, target)) / (2 * h)
-    return grad
-
-
-def analytic_grad(loss, pred: np.ndarray, target) -> np.ndarray:
-    loss.forward(pred, target)
-    return loss.backward()
 
 
 # -- focal loss ----------------------------------------------------------------------------
@@ -204,18 +186,3 @@ def test_train_unet_on_shapes_from_the_command_line(tmp_path):
                             "test_dice"}
     assert metrics["test_accuracy"] is None
     assert metrics["test_dice"] >= 0.90, metrics
-
-
-def train_command(args: list[str], tmp_path) -> dict:
-    """Run ``gpunet train ARGS --metrics-out FILE`` (the CLI's ``main``) in a fresh process
-    with one BLAS thread, and return the metrics. On a loaded 2-core machine OpenBLAS's
-    worker threads spin-wait for a core: these small convolution GEMMs then ran 20x slower
-    (150 s for the U-Net instead of 7 s), so the run pins the thread count."""
-    out = tmp_path / "metrics.json"
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "gpunet", "train", *args, "--device", "cpu",
-                           "--no-progress", "--metrics-out", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(out.read_text())
