@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gpunet
-from gpunet import DeviceError, gradcheck, init
+from gpunet import DeviceError, gradcheck, init, kernels
 from gpunet.backend import _cuda_available
 from gpunet.layers import Dense, Layer
 
@@ -134,24 +134,29 @@ def test_kernel_sources_found_in_checkout():
 
 
 def test_installed_wheel_ships_the_kernels(tmp_path):
-    """Build the wheel, install it outside the checkout, and read the .cu sources from it."""
+    """Build the wheel, install it outside the checkout, read the .cu sources from it and run
+    a kernel from it on the emulator (its header ships in the wheel too)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True,
                    capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("gpunet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "gpunet/_kernels/common.cuh" in names
+    assert {f"gpunet/_kernels/{f}" for f in kernels.KERNELS} <= set(names)
+    assert "gpunet/emulator/cuda_emu.h" in names
     assert "gpunet/datasets/digits.csv.gz" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site), str(wheel)], check=True, capture_output=True)
-    code = ("import gpunet, gpunet.kernels as k; from gpunet import data; "
+    code = ("import gpunet, gpunet.kernels as k; from gpunet import data; import numpy as np; "
             "print(gpunet.__file__); print(k.kernel_dir()); print(len(k.read_kernel('common.cuh'))); "
-            "print(len(data.digits()[0]))")
-    env = {**os.environ, "PYTHONPATH": str(site)}
+            "print(len(data.digits()[0])); x = np.ones((4, 3)); "
+            "print(float(gpunet.device('emulated').batchnorm_backward(x, x, x[0] * 0, x[0], x[0])[2].sum()))")
+    env = {**os.environ, "PYTHONPATH": str(site), "GPUNET_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=tmp_path, env=env).stdout.split("\n")
     assert out[0].startswith(str(site))
     assert out[1] == str(site / "gpunet" / "_kernels")
     assert int(out[2]) > 100
     assert int(out[3]) == 1797 - 360
+    assert float(out[4]) == 12.0  # dbeta = sum(dy): the installed kernels ran on the emulator
