@@ -167,20 +167,26 @@ class Backend:
 
     # -- batch normalisation -------------------------------------------------------------
     def batchnorm_backward(self, dy: Array, x: Array, mean: Array, invstd: Array,
-                           gamma: Array) -> tuple[Array, Array, Array]:
+                           gamma: Array, across: Any = None) -> tuple[Array, Array, Array]:
         """``(dx, dgamma, dbeta)`` of training-mode batch normalisation of ``x`` with shape
         ``(N, C)`` or ``(N, C, H, W)``; ``mean``, ``invstd`` and ``gamma`` have shape ``(C,)``.
         With ``xhat = (x - mean) * invstd`` and ``M`` values per channel:
-        ``dx = gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)``."""
+        ``dx = gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)``.
+        ``across(sums, count)`` (synchronised batch statistics) turns this process's sums and
+        count into those of all processes, in place, and returns the total count; dgamma and
+        dbeta stay this process's own."""
         axes = (0,) + tuple(range(2, x.ndim))
         shape = (1, -1) + (1,) * (x.ndim - 2)
         invstd_b = invstd.reshape(shape)
         xhat = (x - mean.reshape(shape)) * invstd_b
         dbeta = dy.sum(axis=axes)
         dgamma = (dy * xhat).sum(axis=axes)
-        m = x.size // x.shape[1]
+        sum_dy, sum_dy_xhat, m = dbeta, dgamma, x.size // x.shape[1]
+        if across is not None:
+            sum_dy, sum_dy_xhat = dbeta.copy(), dgamma.copy()
+            m = across([sum_dy, sum_dy_xhat], m)
         dx = (gamma.reshape(shape) * invstd_b) * (
-            dy - (dbeta.reshape(shape) + xhat * dgamma.reshape(shape)) / m)
+            dy - (sum_dy.reshape(shape) + xhat * sum_dy_xhat.reshape(shape)) / m)
         return dx, dgamma, dbeta
 
     # -- convolution and pooling over (N, C, H, W) ----------------------------------------

@@ -44,6 +44,9 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the ranks of `mpirun -np N` (MPI; NCCL between "
                         "GPUs, one GPU per rank); --batch-size is per rank")
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="with --distributed: BatchNorm statistics over all ranks' samples "
+                        "(default: per rank)")
 
 
 def _split(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -63,6 +66,7 @@ def train(args: argparse.Namespace) -> int:
     from . import data, distributed, models, optim, rng
     from .backend import get_device
     from .errors import TrainingDiverged
+    from .layers import BatchNorm
     from .serialize import save
     from .trainer import Trainer
 
@@ -95,6 +99,9 @@ def train(args: argparse.Namespace) -> int:
     model = spec.build(train_set.input_shape, train_set.num_classes)
     opt_cls = optim.OPTIMIZERS[settings["optimizer"]]
     opt_kwargs = {"momentum": args.momentum} if settings["optimizer"] == "sgd" else {}
+    for layer in model.walk():
+        if isinstance(layer, BatchNorm):
+            layer.sync = args.sync_batchnorm
     model.to(device)
     optimizer = opt_cls(model.params(), lr=settings["lr"], **opt_kwargs)
     metric = {} if spec.metric is None else {"metric": spec.metric}  # default: accuracy

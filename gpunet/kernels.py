@@ -111,7 +111,7 @@ class KernelOps:
         raise NotImplementedError
 
     def batchnorm_backward(self, dy: Any, x: Any, mean: Any, invstd: Any,
-                           gamma: Any) -> tuple[Any, Any, Any]:
+                           gamma: Any, across: Any = None) -> tuple[Any, Any, Any]:
         """Kernel version of :meth:`gpunet.backend.Backend.batchnorm_backward`: one pass of
         per-channel reductions, then one fused elementwise pass for ``dx``."""
         t = x.dtype
@@ -126,12 +126,16 @@ class KernelOps:
             self.launch("bn_reduce_nchw", t, (c,), (256,),
                         (dy, x, mean, invstd, np.int32(n), np.int32(c), np.int32(hw),
                          sum_dy, sum_dy_xhat))
+        dgamma, dbeta, count = sum_dy_xhat, sum_dy, n * hw
+        if across is not None:  # synchronised statistics: dx takes every process's sums
+            sum_dy, sum_dy_xhat = sum_dy.copy(), sum_dy_xhat.copy()
+            count = across([sum_dy, sum_dy_xhat], count)
         dx = self.empty(x.shape, t)
         total = x.size
         self.launch("bn_backward_dx", t, (_blocks(total, 256),), (256,),
                     (dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, np.int32(c),
-                     np.int32(hw), np.int64(total), t.type(1.0 / (n * hw)), dx))
-        return dx, sum_dy_xhat, sum_dy
+                     np.int32(hw), np.int64(total), t.type(1.0 / count), dx))
+        return dx, dgamma, dbeta
 
     # -- convolution and max pooling (kernels/conv.cu, kernels/pooling.cu) -----------------
     # Shapes and argument order are those of the generic methods in gpunet.backend.Backend;

@@ -14,6 +14,7 @@ from .data import DataLoader, Dataset
 from .distributed import Communicator
 from .errors import TrainingDiverged
 from .layers.base import Layer
+from .layers.normalization import BatchNorm
 from .losses import Loss
 from .optim import Optimizer, clip_grad_norm
 from .progress import ProgressBar
@@ -44,7 +45,8 @@ class Trainer:
     rank 0's weights are broadcast, each rank reads its share of every step's
     ``batch_size * size`` samples, gradients are averaged (weighted by each rank's share)
     before the optimizer step, metrics are reduced over the ranks, and only rank 0 shows
-    progress and writes checkpoints.
+    progress and writes checkpoints. BatchNorm layers built with ``sync=True`` take their
+    batch statistics over all ranks.
     """
 
     def __init__(self, model: Layer, loss: Loss, optimizer: Optimizer,
@@ -57,6 +59,9 @@ class Trainer:
         self.loss, self.optimizer, self.schedule = loss, optimizer, schedule
         self.clip_norm, self.metric = clip_norm, metric
         self.comm = comm if comm is not None else Communicator()
+        for layer in self.model.walk():  # synchronised BatchNorm reduces over these ranks
+            if isinstance(layer, BatchNorm):
+                layer.comm = self.comm
         self.progress, self.log = progress and self.comm.rank == 0, log
         self.history: list[dict[str, Any]] = []
 

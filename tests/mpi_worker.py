@@ -16,8 +16,9 @@ from gpunet.losses import SoftmaxCrossEntropy
 
 def build(kind: str):
     gpunet.seed(0)
-    if kind == "bn":
-        return Sequential([Dense(2, 16), BatchNorm(16), ReLU(), Dense(16, 3)])
+    if kind in ("bn", "syncbn"):
+        return Sequential([Dense(2, 16), BatchNorm(16, sync=kind == "syncbn"), ReLU(),
+                           Dense(16, 3)])
     if kind == "conv":
         return Sequential([Conv2D(1, 4, 3, padding=1), ReLU(), MaxPool2D(2), Flatten(),
                            Dense(64, 10)])
@@ -71,7 +72,8 @@ def main() -> None:
         trainer.fit(train, epochs=1, batch_size=32, seed=5)
     if comm.rank == 0:
         np.savez(out, size=comm.size, spreads=np.array(opt.spreads), epochs=len(trainer.history),
-                 **{k: gpunet.to_numpy(p.data) for k, p in model.params().items()})
+                 **{k: gpunet.to_numpy(p.data) for k, p in model.params().items()},
+                 **{k: gpunet.to_numpy(v) for k, v in model.state().items()})
 
 
 if __name__ == "__main__":

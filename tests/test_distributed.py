@@ -82,6 +82,24 @@ def test_lenet_on_two_ranks_reaches_single_process_accuracy(tmp_path):
     assert single >= 0.97 and abs(double - single) <= 0.01
 
 
+@pytest.mark.parametrize("device", ["cpu", "emulated"])
+def test_synchronised_batchnorm_equals_one_process(tmp_path, device):
+    """sync=True: two ranks of 32 normalise with the statistics of all 64 samples, so weights
+    and running estimates match one process with batch 64 (kernels on the emulated device)."""
+    out = tmp_path / "r.npz"
+    run = mpirun(2, "syncbn", str(out), device)
+    assert run.returncode == 0, run.stderr
+    got = np.load(out)
+    model, train = mpi_worker.build("syncbn"), mpi_worker.dataset("syncbn")
+    trainer = Trainer(model, SoftmaxCrossEntropy(),
+                      optim.SGD(model.params(), lr=0.1, momentum=0.9), progress=False)
+    trainer.fit(train, epochs=1, batch_size=64, seed=5)
+    for name, value in {**{k: p.data for k, p in model.params().items()},
+                        **model.state()}.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert np.all(got["spreads"] == 0)
+
+
 def test_uneven_last_step_is_weighted(tmp_path):
     """Three ranks of 32 (96 a step) over 194 samples: the last step has 2 samples, split
     1/1/0, so each rank's gradient must weigh by its share (and the empty rank by nothing)."""

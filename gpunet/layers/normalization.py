@@ -1,6 +1,7 @@
 """Batch normalisation."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,15 @@ class BatchNorm(Layer):
     estimates take the place of ``mu`` and ``var``. Parameters ``"gamma"`` and ``"beta"``;
     ``running_mean`` and ``running_var`` are saved with the model. The training backward
     pass is ``ops.batchnorm_backward``: custom kernels on CUDA and the emulated device.
+
+    Data-parallel training keeps per-process statistics unless ``sync=True``: then the batch
+    mean and variance, and the sums of the backward pass, are taken over the samples of all
+    processes (the Trainer hands the layer its communicator as ``comm``), so N processes
+    normalise exactly as one process with their joint batch would.
     """
 
-    def __init__(self, features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 sync: bool = False) -> None:
         super().__init__()
         if features < 1 or eps <= 0 or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchNorm: expected features >= 1, eps > 0 and momentum in "
@@ -31,6 +38,29 @@ class BatchNorm(Layer):
         self.beta = self.add_param("beta", np.zeros(features))
         self.add_buffer("running_mean", np.zeros(features))
         self.add_buffer("running_var", np.ones(features))
+        self.sync, self.comm = bool(sync), None
+
+    def _across(self) -> Any:
+        """With synchronised statistics over several processes: a function that turns this
+        process's per-feature sums and count into all processes' (in place), else None."""
+        if not self.sync or self.comm is None or self.comm.size == 1:
+            return None
+
+        def across(sums: list, count: int) -> int:
+            counts = self.ops.asarray([float(count)], dtype=sums[0].dtype)
+            self.comm.allreduce_mean([*sums, counts])  # one reduction for all of them
+            for a in sums:
+                a *= self.comm.size
+            return int(round(float(counts[0]) * self.comm.size))
+        return across
+
+    def __deepcopy__(self, memo: dict) -> "BatchNorm":
+        # a copy (gradcheck's) computes alone: it must not take part in collectives
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for k, v in self.__dict__.items():
+            setattr(clone, k, None if k == "comm" else copy.deepcopy(v, memo))
+        return clone
 
     def forward(self, x: Any, training: bool = True) -> Any:
         self.check_input(x, ndims=(2, 4))
@@ -44,8 +74,17 @@ class BatchNorm(Layer):
             if count < 2:
                 raise ShapeError(f"{self.name}: expected more than 1 value per feature in "
                                  f"training, got input of shape {tuple(x.shape)}")
-            mean = self.ops.mean(x, axis=axes)
-            var = self.ops.mean((x - mean.reshape(shape)) ** 2, axis=axes)
+            across = self._across()
+            if across is None:
+                mean = self.ops.mean(x, axis=axes)
+                var = self.ops.mean((x - mean.reshape(shape)) ** 2, axis=axes)
+            else:  # two reductions over all processes: the mean, then the squared deviations
+                mean = self.ops.sum(x, axis=axes)
+                count = across([mean], count)
+                mean /= count
+                var = self.ops.sum((x - mean.reshape(shape)) ** 2, axis=axes)
+                across([var], 0)
+                var /= count
             m = self.momentum
             running_mean, running_var = self._buffers["running_mean"], self._buffers["running_var"]
             running_mean *= 1 - m
@@ -63,7 +102,8 @@ class BatchNorm(Layer):
         x, mean, invstd, training = self.saved()
         self.check_grad(dy, x.shape)
         if training:
-            dx, dgamma, dbeta = self.ops.batchnorm_backward(dy, x, mean, invstd, self.gamma.data)
+            dx, dgamma, dbeta = self.ops.batchnorm_backward(dy, x, mean, invstd, self.gamma.data,
+                                                            self._across())
         else:  # mean and invstd are constants here: the layer is an affine map per feature
             axes = (0,) + tuple(range(2, x.ndim))
             shape = (1, -1) + (1,) * (x.ndim - 2)
