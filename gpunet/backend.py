@@ -488,8 +488,9 @@ class EmulatedBackend(KernelOps, Backend):
         self.order, self.seed = order, seed
         self._modules: dict[str, Any] = {}
 
-    def empty(self, shape: Sequence[int], dtype: Any) -> Array:
-        return np.full(shape, np.nan, dtype=dtype)
+    def empty(self, shape: Sequence[int] | int, dtype: Any = np.float32) -> Array:
+        from .emulator import empty
+        return empty(shape, dtype)  # all bytes 0xFF: NaN for floats, -1 for integers
 
     def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
                args: Sequence[Any], shared_mem: int = 0) -> None:

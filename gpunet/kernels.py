@@ -99,12 +99,10 @@ def _blocks(total: int, threads: int, cap: int = 1024) -> int:
 
 class KernelOps:
     """Operations that run gpunet's own kernels. A backend mixing this in provides
-    ``xp``, ``empty(shape, dtype)`` and ``launch(kernel, dtype, grid, block, args, shared_mem)``."""
+    ``xp``, ``empty(shape, dtype)`` (from :class:`gpunet.backend.Backend`) and
+    ``launch(kernel, dtype, grid, block, args, shared_mem)``."""
 
     xp: Any
-
-    def empty(self, shape: Sequence[int], dtype: Any) -> Any:
-        return self.xp.empty(shape, dtype=dtype)
 
     def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
                args: Sequence[Any], shared_mem: int = 0) -> None:

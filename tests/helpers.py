@@ -38,3 +38,13 @@ def train_command(args: list[str], tmp_path) -> dict:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(out.read_text())
+
+
+def assert_refused(layer, x, error, match) -> None:
+    """``layer.forward(x)`` raises ``error`` matching ``match`` and leaves the weights alone."""
+    import pytest
+    before = {k: p.data.copy() for k, p in layer.params().items()}
+    with pytest.raises(error, match=match):
+        layer.forward(x)
+    for k, p in layer.params().items():
+        np.testing.assert_array_equal(p.data, before[k])
