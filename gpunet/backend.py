@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -166,6 +167,13 @@ class Backend:
         return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
     # -- batch normalisation -------------------------------------------------------------
+    def channel_dot(self, a: Array, b: Array) -> Array:
+        """``sum(a * b)`` over every axis but axis 1 of ``(N, C, ...)`` arrays, shape
+        ``(C,)``, without the product array: dot products along each ``(n, c)`` row, then a
+        sum over ``n``."""
+        n, c = a.shape[:2]
+        return self.xp.einsum("ncp,ncp->nc", a.reshape(n, c, -1), b.reshape(n, c, -1)).sum(axis=0)
+
     def batchnorm_backward(self, dy: Array, x: Array, mean: Array, invstd: Array,
                            gamma: Array, across: Any = None) -> tuple[Array, Array, Array]:
         """``(dx, dgamma, dbeta)`` of training-mode batch normalisation of ``x`` with shape
@@ -177,16 +185,20 @@ class Backend:
         dbeta stay this process's own."""
         axes = (0,) + tuple(range(2, x.ndim))
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        invstd_b = invstd.reshape(shape)
-        xhat = (x - mean.reshape(shape)) * invstd_b
+        centred = x - mean.reshape(shape)
         dbeta = dy.sum(axis=axes)
-        dgamma = (dy * xhat).sum(axis=axes)
+        dgamma = self.channel_dot(dy, centred) * invstd
         sum_dy, sum_dy_xhat, m = dbeta, dgamma, x.size // x.shape[1]
         if across is not None:
             sum_dy, sum_dy_xhat = dbeta.copy(), dgamma.copy()
             m = across([sum_dy, sum_dy_xhat], m)
-        dx = (gamma.reshape(shape) * invstd_b) * (
-            dy - (sum_dy.reshape(shape) + xhat * sum_dy_xhat.reshape(shape)) / m)
+        # dx = k dy + (-k invstd sum(dy xhat)/M) (x - mean) - k sum(dy)/M, k = gamma invstd:
+        # per-channel coefficients, so two full-size arrays instead of a chain of temporaries
+        k = gamma * invstd
+        centred *= (-k * invstd * sum_dy_xhat / m).reshape(shape)
+        centred -= (k * sum_dy / m).reshape(shape)
+        dx = dy * k.reshape(shape)
+        dx += centred
         return dx, dgamma, dbeta
 
     # -- convolution and pooling over (N, C, H, W) ----------------------------------------
@@ -253,15 +265,18 @@ class Backend:
         return self.xp.ascontiguousarray(y.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)), cols
 
     def backprop_conv2d(self, dy: Array, cols: Array, x_shape: Sequence[int], weight: Array,
-                        stride: Sequence[int], padding: Sequence[int], bias: bool = True
-                        ) -> tuple[Array, Array, Array | None]:
+                        stride: Sequence[int], padding: Sequence[int], bias: bool = True,
+                        input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
         """``(dx, dweight, dbias)`` of :meth:`conv2d`: ``dweight = dy (O, N Ho Wo) @ cols^T``
         (one GEMM), ``dx = col2im(weight^T @ dy)`` (one GEMM and the gather),
-        ``dbias = conv_bias_grad(dy)`` (None without a bias)."""
+        ``dbias = conv_bias_grad(dy)``. ``dx`` is None without ``input_grad``, ``dbias``
+        without ``bias``."""
         o = weight.shape[0]
         dy2 = self.xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)
         dweight = self.gemm(dy2, cols, trans_b=True).reshape(weight.shape)
         dbias = self.conv_bias_grad(dy) if bias else None
+        if not input_grad:
+            return None, dweight, dbias
         dcols = self.gemm(weight.reshape(o, -1), dy2, trans_a=True)
         return self.col2im(dcols, x_shape, weight.shape[2:], stride, padding), dweight, dbias
 
@@ -423,6 +438,129 @@ class Backend:
         xp.multiply(dc, f, out=dc_prev)
 
 
+class CpuBackend(Backend):
+    """NumPy on the host: the generic operations, with convolutions blocked over samples.
+
+    The generic convolution builds one column matrix for the whole batch: ``C kh kw`` times
+    the input's size, 150 MB for a batch of 128 32x32 images of 32 channels, written once and
+    read by three GEMMs, each time from main memory (and, being fresh, page-faulted in on
+    every step). Here the batch is cut into blocks of samples whose column matrix fits in
+    :attr:`BLOCK_BYTES`, so it is made, used and dropped while it is in cache; backward makes
+    it again from the saved input instead of keeping it.
+
+    With stride 1 the columns are taken over the padded width ``Wp`` instead of ``Wo``: the
+    row of kernel offset ``(i, j)`` is then ONE contiguous run of the flattened padded image,
+    starting at ``i Wp + j``, so im2col copies runs of ``Ho Wp`` values instead of ``Ho`` runs
+    of ``Wo``. The GEMM computes ``Wp - Wo`` extra outputs per row, which are dropped. The
+    input gradient of a stride-1 convolution is itself a stride-1 correlation (of ``dy`` with
+    the kernel flipped and its channel axes swapped), so it takes the same path where that is
+    cheaper than col2im (not where it would pad a few output channels widely, as LeNet's
+    second convolution); other strides use col2im.
+    """
+
+    #: the size of one block's column matrix
+    BLOCK_BYTES = 4 << 20
+
+    def __init__(self, xp: Any = np, name: str = "cpu") -> None:
+        super().__init__(xp, name)
+        self._local = threading.local()
+
+    def _scratch(self, name: str, shape: Sequence[int], dtype: Any) -> Array:
+        """A buffer of this thread's, reused from call to call: a fresh multi-megabyte array
+        is page-faulted in on every touch (glibc hands such sizes back to the system), which
+        cost LeNet's first convolution three quarters of its time."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if name not in buffers or buffers[name].nbytes < nbytes:
+            buffers[name] = np.empty(nbytes, dtype=np.uint8)
+        return buffers[name][:nbytes].view(dtype).reshape(shape)
+
+    def _columns(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int]) -> tuple[Array, int]:
+        """``(cols, width)``: the column matrix ``(C kh kw, N Ho width)`` of a block of
+        samples, with ``width = Wp`` (the padded width, stride 1) or ``Wo`` (:meth:`im2col`),
+        in a scratch buffer."""
+        if tuple(stride) != (1, 1):
+            return self.im2col(x, kernel, stride, padding), (
+                x.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
+        n, c, h, w = x.shape
+        (kh, kw), (ph, pw) = kernel, padding
+        hp, wp = h + 2 * ph, w + 2 * pw
+        ho = hp - kh + 1
+        # one spare row: the run of the last offset ends kw - 1 values past the padded image
+        xpad = self._scratch("padded", (n, c, hp + 1, wp), x.dtype)
+        xpad.fill(0)
+        xpad[:, :, ph:ph + h, pw:pw + w] = x
+        st = xpad.strides
+        runs = np.lib.stride_tricks.as_strided(xpad, (c, kh, kw, n, ho * wp),
+                                               (st[1], st[2], st[3], st[0], st[3]))
+        cols = self._scratch("columns", runs.shape, x.dtype)
+        np.copyto(cols, runs)
+        return cols.reshape(c * kh * kw, n * ho * wp), wp
+
+    def _blocks(self, x_shape: Sequence[int], weight: Array, stride: Sequence[int],
+                padding: Sequence[int]) -> list[slice]:
+        """The samples in slices whose column matrix takes at most ``BLOCK_BYTES``."""
+        n, _, h, w = x_shape
+        ho = (h + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+        per_sample = weight[0].size * ho * (w + 2 * padding[1]) * weight.itemsize
+        step = max(1, self.BLOCK_BYTES // per_sample)
+        return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+    def conv2d(self, x: Array, weight: Array, bias: Array | None, stride: Sequence[int],
+               padding: Sequence[int]) -> tuple[Array, Array]:
+        """As :meth:`Backend.conv2d`, one GEMM per block of samples; what backward needs is
+        ``x`` itself."""
+        (n, _, h, w), (o, _, kh, kw) = x.shape, weight.shape
+        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+        wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+        w2 = weight.reshape(o, -1)
+        y = np.empty((n, o, ho, wo), dtype=x.dtype)
+        for b in self._blocks(x.shape, weight, stride, padding):
+            cols, width = self._columns(x[b], (kh, kw), stride, padding)
+            out = np.matmul(w2, cols, out=self._scratch("product", (o, cols.shape[1]), x.dtype))
+            y[b] = out.reshape(o, -1, ho, width)[..., :wo].transpose(1, 0, 2, 3)
+        if bias is not None:
+            y += bias.reshape(1, o, 1, 1)
+        return y, x
+
+    def backprop_conv2d(self, dy: Array, x: Array, x_shape: Sequence[int], weight: Array,
+                        stride: Sequence[int], padding: Sequence[int], bias: bool = True,
+                        input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
+        """As :meth:`Backend.backprop_conv2d`, blocked over samples, from the saved ``x``."""
+        (o, c, kh, kw), (ho, wo) = weight.shape, dy.shape[2:]
+        w2 = weight.reshape(o, -1)
+        blocks = self._blocks(x_shape, weight, stride, padding)
+        dweight = np.zeros_like(w2)
+        for b in blocks:
+            cols, width = self._columns(x[b], (kh, kw), stride, padding)
+            # dy laid out as the GEMM's output was, zero in the columns forward dropped
+            dy2 = self._scratch("product", (o, b.stop - b.start, ho, width), dy.dtype)
+            dy2[..., wo:] = 0
+            dy2[..., :wo] = dy[b].transpose(1, 0, 2, 3)
+            dweight += dy2.reshape(o, -1) @ cols.T
+        dbias = self.conv_bias_grad(dy) if bias else None
+        if not input_grad:
+            return None, dweight.reshape(weight.shape), dbias
+        ph, pw = kh - 1 - padding[0], kw - 1 - padding[1]
+        # the correlation reads an O-channel image padded by k - 1 - p; col2im writes and
+        # adds up C kh kw strided runs per output pixel: about twice the cost per element
+        correlate = (tuple(stride) == (1, 1) and ph >= 0 and pw >= 0
+                     and o * x_shape[2] * (x_shape[3] + kw - 1) <= 2 * c * ho * wo)
+        if correlate:
+            # dx[n, c, h, w] = sum_{o,i,j} weight[o, c, i, j] dy[n, o, h + p - i, w + p - j]:
+            # a correlation of dy, padded by k - 1 - p, with the flipped, transposed kernel
+            flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            dx = self.conv2d(dy, flipped, None, (1, 1), (ph, pw))[0]
+        else:
+            dx = np.empty(x_shape, dtype=dy.dtype)
+            for b in blocks:
+                dy2 = np.ascontiguousarray(dy[b].transpose(1, 0, 2, 3)).reshape(o, -1)
+                dx[b] = self.col2im(w2.T @ dy2, (b.stop - b.start, *x_shape[1:]), (kh, kw),
+                                    stride, padding)
+        return dx, dweight.reshape(weight.shape), dbias
+
+
 class CudaBackend(KernelOps, Backend):
     """CuPy on one NVIDIA GPU: the generic operations, with :class:`KernelOps` overriding
     those gpunet's kernels accelerate."""
@@ -576,7 +714,7 @@ def get_device(spec: str | Backend | None = "auto") -> Backend:
     if spec in _devices:
         return _devices[spec]
     if spec == "cpu":
-        dev = Backend(np, "cpu")
+        dev = CpuBackend(np, "cpu")
     elif spec == "emulated" or spec.startswith("emulated:"):
         dev = EmulatedBackend(spec.partition(":")[2] or "forward")
     elif spec.startswith("cuda:"):

@@ -65,7 +65,7 @@ def mlp(input_shape: tuple[int, ...], num_classes: int | None, hidden: int = 256
 
 
 @register("lenet", SoftmaxCrossEntropy, "LeNet-5: conv 5x5 (6), max-pool, conv 5x5 (16), "
-          "max-pool, dense 120, 84, classes; ReLU", epochs=30, batch_size=32, lr=2e-3,
+          "max-pool, dense 120, 84, classes; ReLU", epochs=40, batch_size=32, lr=2e-3,
           optimizer="adam")
 def lenet(input_shape: tuple[int, ...], num_classes: int | None) -> Layer:
     """LeNet-5 for images ``(C, H, W)``. The paddings adapt to the input size: the first

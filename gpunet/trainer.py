@@ -46,7 +46,8 @@ class Trainer:
     ``batch_size * size`` samples, gradients are averaged (weighted by each rank's share)
     before the optimizer step, metrics are reduced over the ranks, and only rank 0 shows
     progress and writes checkpoints. BatchNorm layers built with ``sync=True`` take their
-    batch statistics over all ranks.
+    batch statistics over all ranks. The model's input is data: the Trainer turns its input
+    gradient off (:meth:`~gpunet.layers.Layer.set_input_grad`).
     """
 
     def __init__(self, model: Layer, loss: Loss, optimizer: Optimizer,
@@ -55,7 +56,7 @@ class Trainer:
                  progress: bool = True, log: IO[str] | None = None,
                  comm: Communicator | None = None) -> None:
         self.device = model.ops if device is None else get_device(device)
-        self.model = model.to(self.device)
+        self.model = model.to(self.device).set_input_grad(False)  # its input is data
         self.loss, self.optimizer, self.schedule = loss, optimizer, schedule
         self.clip_norm, self.metric = clip_norm, metric
         self.comm = comm if comm is not None else Communicator()

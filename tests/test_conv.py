@@ -9,6 +9,7 @@ import pytest
 
 import gpunet
 from gpunet import DTypeError, ShapeError, StateError, gradcheck
+from gpunet.backend import Backend, CpuBackend
 from gpunet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from helpers import assert_refused, train_command
 
@@ -154,6 +155,45 @@ def test_col2im_is_the_adjoint_of_im2col():
         lhs = float((dev.im2col(x, kernel, stride, padding) * c).sum())
         rhs = float((x * dev.col2im(c, shape, kernel, stride, padding)).sum())
         assert abs(lhs - rhs) < 1e-10 * max(1.0, abs(lhs))
+
+
+# (input shape, out channels, kernel, stride, padding, how CpuBackend takes dx)
+CPU_CASES = [
+    ((3, 4, 6, 5), 2, (3, 3), (1, 1), (1, 1), "correlate"),
+    ((2, 3, 5, 7), 3, (3, 2), (1, 1), (0, 1), "correlate"),
+    ((3, 6, 14, 14), 16, (5, 5), (1, 1), (0, 0), "col2im"),   # LeNet's second convolution
+    ((2, 2, 3, 3), 2, (1, 1), (1, 1), (1, 1), "col2im"),      # padding > kernel - 1
+    ((3, 3, 7, 8), 2, (3, 3), (2, 3), (1, 0), "col2im"),      # strided: im2col, not runs
+]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("shape, out, kernel, stride, padding, path", CPU_CASES)
+def test_cpu_blocks_match_the_one_gemm_convolution(shape, out, kernel, stride, padding, path,
+                                                   dtype, tol, monkeypatch):
+    """The CPU device cuts the batch into blocks (here one sample each) and takes dx by a
+    correlation or by col2im; the generic one-GEMM code is the reference."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.BLOCK_BYTES = 1
+    gathers = []
+    monkeypatch.setattr(cpu, "col2im", lambda *a: gathers.append(1) or Backend.col2im(cpu, *a))
+    reference = Backend(np, "reference")
+    x = R.normal(size=shape).astype(dtype)
+    w = R.normal(size=(out, shape[1], *kernel)).astype(dtype)
+    b = R.normal(size=out).astype(dtype)
+    y, saved = cpu.conv2d(x, w, b, stride, padding)
+    y_ref, cols = reference.conv2d(x, w, b, stride, padding)
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    assert y.dtype == dtype and y.flags.c_contiguous
+    dy = R.normal(size=y.shape).astype(dtype)
+    got = cpu.backprop_conv2d(dy, saved, shape, w, stride, padding)
+    want = reference.backprop_conv2d(dy, cols, shape, w, stride, padding)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * 10)
+    assert bool(gathers) == (path == "col2im")
+    dx, dw, db = cpu.backprop_conv2d(dy, saved, shape, w, stride, padding, input_grad=False)
+    assert dx is None
+    np.testing.assert_array_equal(dw, got[1])
 
 
 # -- bad inputs ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 parity, and each bad input it rejects."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 
 import gpunet
 from gpunet import DTypeError, DeviceError, ShapeError, StateError, gradcheck, parity
-from gpunet.layers import (ELU, SELU, Concat, Dense, Dropout, Flatten, LeakyReLU,
-                           NonlinearityGenerator, ReLU, Sigmoid, SigmoidGenerator, Softmax,
-                           Softplus, Sum, Tanh)
+from gpunet.layers import (ELU, GRU, LSTM, SELU, Concat, Conv2D, Dense, Dropout, Flatten,
+                           LastStep, LeakyReLU, NonlinearityGenerator, ReLU, Sequential, Sigmoid,
+                           SigmoidGenerator, Softmax, Softplus, Sum, Tanh, TimeMajor)
+from gpunet.losses import MSE
+from gpunet.optim import SGD
 from helpers import assert_refused
 
 R = np.random.default_rng(7)
@@ -213,3 +216,52 @@ def test_array_from_another_device_is_reported():
     import cupy
     with pytest.raises(DeviceError, match="ReLU: expected input on device cpu, got an array on cuda:0"):
         ReLU().forward(cupy.zeros((2, 2), cupy.float32))
+
+
+# -- skipping the input gradient -----------------------------------------------------------
+SKIPPERS = {  # layers whose backward can skip dx, with an input shape
+    "Dense": (lambda: Dense(5, 3), (4, 5)),
+    "Conv2D": (lambda: Conv2D(2, 3, 3, padding=1), (2, 2, 5, 4)),
+    "LSTM": (lambda: LSTM(3, 4), (5, 2, 3)),
+    "GRU": (lambda: GRU(3, 4), (5, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", SKIPPERS)
+def test_without_input_grad_backward_returns_none_and_the_same_parameter_grads(name, device):
+    make, shape = SKIPPERS[name]
+    gpunet.seed(5)
+    full = make().to(device, np.float64)
+    skip = copy.deepcopy(full).set_input_grad(False)
+    x = gpunet.asarray(np.random.default_rng(2).normal(size=shape), device)
+    y = full.forward(x)
+    skip.forward(x)
+    dy = gpunet.asarray(np.random.default_rng(3).normal(size=y.shape), device)
+    assert full.backward(dy) is not None
+    assert skip.backward(dy) is None
+    for key, p in full.params().items():
+        np.testing.assert_allclose(gpunet.to_numpy(skip.params()[key].grad),
+                                   gpunet.to_numpy(p.grad), rtol=1e-12, atol=1e-12)
+
+
+def test_sequential_passes_no_input_grad_up_to_its_first_parameters():
+    model = Sequential([TimeMajor(), LSTM(3, 4), LastStep(), Dense(4, 1)]).to("cpu", np.float64)
+    model.set_input_grad(False)
+    assert [layer.input_grad for layer in model.layers] == [False, False, True, True]
+    x = np.random.default_rng(0).normal(size=(2, 5, 3))
+    reference = copy.deepcopy(model).set_input_grad(True)
+    dy = np.ones((2, 1))
+    model.forward(x)
+    reference.forward(x)
+    assert model.backward(dy) is None
+    assert reference.backward(dy).shape == x.shape
+    for key, p in reference.params().items():
+        np.testing.assert_allclose(model.params()[key].grad, p.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(StateError):  # what TimeMajor kept was dropped, not left behind
+        model.layers[0].backward(np.ones((5, 2, 3)))
+
+
+def test_the_trainer_turns_the_input_grad_of_its_model_off():
+    model = Sequential([Dense(2, 2), ReLU(), Dense(2, 2)])
+    gpunet.Trainer(model, MSE(), SGD(model.params(), lr=0.1), progress=False)
+    assert [layer.input_grad for layer in model.layers] == [False, True, True]

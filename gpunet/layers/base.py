@@ -91,6 +91,7 @@ class Layer:
         self._params: dict[str, Parameter] = {}
         self._buffers: dict[str, Array] = {}
         self._saved: Any = None
+        self.input_grad = True
 
     # -- the protocol -------------------------------------------------------------------
     def forward(self, x: Any, training: bool = True) -> Any:
@@ -98,6 +99,14 @@ class Layer:
 
     def backward(self, dy: Any) -> Any:
         raise NotImplementedError
+
+    def set_input_grad(self, needed: bool) -> "Layer":
+        """Whether ``backward`` must return the input gradient (it must by default). Nobody
+        uses the gradient of the data a model's first layer reads: the Trainer turns it off
+        on its model, and a layer that can skip that work (Dense, Conv2D, LSTM, GRU) then
+        returns None, as PyTorch does for an input that does not require grad."""
+        self.input_grad = bool(needed)
+        return self
 
     def __call__(self, x: Any, training: bool = True) -> Any:
         return self.forward(x, training)
@@ -179,6 +188,10 @@ class Layer:
 
     def saved(self) -> Any:
         return self._saved
+
+    def forget(self) -> None:
+        """Drop what forward kept, for a backward that will not come."""
+        self._saved = None
 
     def check_input(self, x: Any, shape: Sequence[int | None] | None = None,
                     ndims: Sequence[int] | None = None, what: str = "input") -> None:

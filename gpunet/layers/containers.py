@@ -38,8 +38,22 @@ class Sequential(Layer):
 
     def backward(self, dy: Any) -> Any:
         for layer in reversed(self.layers):
+            if dy is None:  # a leading layer without parameters whose input needs no gradient
+                layer.forget()
+                continue
             dy = layer.backward(dy)
         return dy
+
+    def set_input_grad(self, needed: bool) -> "Sequential":
+        """Tell the layers that read the chain's input (see :meth:`Layer.set_input_grad`):
+        without an input gradient a leading layer that has no parameters (``TimeMajor``,
+        ``Flatten``) needs no output gradient either, so the next layer is told as well, up
+        to and including the first layer with parameters."""
+        for layer in self.layers:
+            layer.set_input_grad(needed)
+            if layer.params():
+                break
+        return super().set_input_grad(needed)
 
 
 class Graph(Layer):

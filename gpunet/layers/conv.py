@@ -45,9 +45,11 @@ class Conv2D(Layer):
 
     Forward: ``cols = im2col(x)`` of shape ``(in kh kw, N Ho Wo)`` and ONE GEMM
     ``weight @ cols``. Backward: ``dweight = dy @ cols^T`` (one GEMM),
-    ``dx = col2im(weight^T @ dy)`` (one GEMM, then a gather), ``dbias = sum(dy)`` over
-    ``n, p, q``; on CUDA and the emulated device im2col, col2im and the bias sum are
-    kernels (``kernels/conv.cu``). ``init`` names the weight initialiser (fans as PyTorch
+    ``dx = col2im(weight^T @ dy)`` (one GEMM, then a gather; None after
+    ``set_input_grad(False)``), ``dbias = sum(dy)`` over ``n, p, q``; on CUDA and the
+    emulated device im2col, col2im and the bias sum are kernels (``kernels/conv.cu``); the
+    CPU runs the same algebra over cache-sized blocks of samples
+    (:class:`~gpunet.backend.CpuBackend`). ``init`` names the weight initialiser (fans as PyTorch
     counts them, see :mod:`gpunet.init`); the bias starts at zero.
     """
 
@@ -93,7 +95,7 @@ class Conv2D(Layer):
         self.check_grad(dy, y_shape)
         dx, dweight, dbias = self.ops.backprop_conv2d(dy, cols, x_shape, self.weight.data,
                                                       self.stride, self.padding,
-                                                      self.bias is not None)
+                                                      self.bias is not None, self.input_grad)
         self.weight.grad += dweight
         if self.bias is not None:
             self.bias.grad += dbias

@@ -13,7 +13,8 @@ class Dense(Layer):
 
     Shapes: x ``(*, in_features)``, weight ``(out_features, in_features)``, bias
     ``(out_features,)``, y ``(*, out_features)``. Backward: ``dx = dy @ weight``,
-    ``dweight = dy.T @ x``, ``dbias = sum(dy)`` over all leading axes.
+    ``dweight = dy.T @ x``, ``dbias = sum(dy)`` over all leading axes (``dx`` is None
+    after ``set_input_grad(False)``).
     ``init`` names the weight initialiser (see :mod:`gpunet.init`); the bias starts at zero.
     """
 
@@ -46,5 +47,7 @@ class Dense(Layer):
         self.weight.grad += self.ops.gemm(dy2, x2, trans_a=True)
         if self.bias is not None:
             self.bias.grad += self.ops.sum(dy2, axis=0)
+        if not self.input_grad:
+            return None
         return self.ops.gemm(dy2, self.weight.data).reshape(shape)
 

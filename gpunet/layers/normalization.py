@@ -75,16 +75,15 @@ class BatchNorm(Layer):
                 raise ShapeError(f"{self.name}: expected more than 1 value per feature in "
                                  f"training, got input of shape {tuple(x.shape)}")
             across = self._across()
-            if across is None:
-                mean = self.ops.mean(x, axis=axes)
-                var = self.ops.mean((x - mean.reshape(shape)) ** 2, axis=axes)
-            else:  # two reductions over all processes: the mean, then the squared deviations
-                mean = self.ops.sum(x, axis=axes)
+            mean = self.ops.sum(x, axis=axes)
+            if across is not None:  # two reductions over all processes: the mean, then var
                 count = across([mean], count)
-                mean /= count
-                var = self.ops.sum((x - mean.reshape(shape)) ** 2, axis=axes)
+            mean /= count
+            centred = x - mean.reshape(shape)
+            var = self.ops.channel_dot(centred, centred)
+            if across is not None:
                 across([var], 0)
-                var /= count
+            var /= count
             m = self.momentum
             running_mean, running_var = self._buffers["running_mean"], self._buffers["running_var"]
             running_mean *= 1 - m
@@ -93,10 +92,13 @@ class BatchNorm(Layer):
             running_var += (m * count / (count - 1)) * var
         else:
             mean, var = self._buffers["running_mean"], self._buffers["running_var"]
+            centred = x - mean.reshape(shape)
         invstd = 1 / self.ops.sqrt(var + self.eps)
-        xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
         self.save_for_backward(x, mean, invstd, training)
-        return self.gamma.data.reshape(shape) * xhat + self.beta.data.reshape(shape)
+        # y = gamma xhat + beta, written over the centred input: one full-size array
+        centred *= (self.gamma.data * invstd).reshape(shape)
+        centred += self.beta.data.reshape(shape)
+        return centred
 
     def backward(self, dy: Any) -> Any:
         x, mean, invstd, training = self.saved()
@@ -107,9 +109,8 @@ class BatchNorm(Layer):
         else:  # mean and invstd are constants here: the layer is an affine map per feature
             axes = (0,) + tuple(range(2, x.ndim))
             shape = (1, -1) + (1,) * (x.ndim - 2)
-            xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
             dbeta = self.ops.sum(dy, axis=axes)
-            dgamma = self.ops.sum(dy * xhat, axis=axes)
+            dgamma = self.ops.channel_dot(dy, x - mean.reshape(shape)) * invstd
             dx = dy * (self.gamma.data * invstd).reshape(shape)
         self.gamma.grad += dgamma
         self.beta.grad += dbeta

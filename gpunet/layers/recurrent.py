@@ -205,7 +205,7 @@ class RNN(_Recurrent):
         self.W_x.grad += ops.gemm(dz2, x2, trans_a=True)
         self.W_h.grad += ops.gemm(dz2, hs[:steps].reshape(steps * batch, -1), trans_a=True)
         self.b.grad += ops.sum(dz2, axis=0)
-        dx = ops.gemm(dz2, self.W_x.data).reshape(steps, batch, -1)
+        dx = ops.gemm(dz2, self.W_x.data).reshape(steps, batch, -1) if self.input_grad else None
         return self._input_grads([dx], [dh], form)
 
 
@@ -265,7 +265,7 @@ class LSTM(_Recurrent):
         self.W_x.grad += ops.gemm(dz2, x2, trans_a=True)
         self.W_h.grad += ops.gemm(dz2, hs[:steps].reshape(steps * batch, h), trans_a=True)
         self.b.grad += ops.sum(dz2, axis=0)
-        dx = ops.gemm(dz2, self.W_x.data).reshape(steps, batch, -1)
+        dx = ops.gemm(dz2, self.W_x.data).reshape(steps, batch, -1) if self.input_grad else None
         return self._input_grads([dx], [dh, dc], form)
 
 
@@ -336,7 +336,7 @@ class GRU(_Recurrent):
         self.W_h.grad += ops.gemm(dhg2, hs[:steps].reshape(steps * batch, h), trans_a=True)
         self.b_x.grad += ops.sum(dxg2, axis=0)
         self.b_h.grad += ops.sum(dhg2, axis=0)
-        dx = ops.gemm(dxg2, self.W_x.data).reshape(steps, batch, -1)
+        dx = ops.gemm(dxg2, self.W_x.data).reshape(steps, batch, -1) if self.input_grad else None
         return self._input_grads([dx], [dh], form)
 
 
