@@ -299,16 +299,23 @@ class Backend:
                   padding: Sequence[int]) -> tuple[Array, Array]:
         """``(y, index)``: the maximum of each window of ``x`` padded with -inf, and
         ``index`` (int32, the shape of ``y``), the kernel offset ``i kw + j`` of the window's
-        first maximum in row-major order (later ties never win)."""
+        first maximum in row-major order (later ties never win). A knockout tournament over
+        the offsets' strided views: neighbours meet pairwise, the later one winning only when
+        strictly greater, so ``log2(kh kw)`` rounds of whole-array operations replace
+        ``kh kw`` rounds of masked copies. With NaN in a window the winner is unspecified."""
         out = self._pool_out(x.shape, kernel, stride, padding)
         xpad = self.pad2d(x, padding, -np.inf)
-        y = xpad[self._window(0, kernel, stride, out)].copy()
-        index = self.xp.zeros(y.shape, dtype=np.int32)
-        for k in range(1, kernel[0] * kernel[1]):
-            v = xpad[self._window(k, kernel, stride, out)]
-            better = v > y
-            self.xp.copyto(y, v, where=better)
-            self.xp.copyto(index, np.int32(k), where=better)
+        entries = [(xpad[self._window(k, kernel, stride, out)], np.int32(k))
+                   for k in range(kernel[0] * kernel[1])]
+        while len(entries) > 1:
+            merged = []
+            for (a, index_a), (b, index_b) in zip(entries[0::2], entries[1::2]):
+                better = b > a  # arithmetic, not where(): four times faster on strided views
+                merged.append((self.xp.maximum(a, b), index_a + better * (index_b - index_a)))
+            entries = merged + entries[len(merged) * 2:]
+        y, index = entries[0]
+        if kernel[0] * kernel[1] == 1:  # no round was played: y is a view, index a scalar
+            y, index = y.copy(), self.xp.zeros(y.shape, dtype=np.int32)
         return y, index
 
     def backprop_maxpool2d(self, dy: Array, index: Array, x_shape: Sequence[int],
