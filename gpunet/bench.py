@@ -7,6 +7,16 @@ step, so drifts of the machine (clock, other load) hit both alike. Peak memory i
 fresh subprocess per framework and workload: the peak resident set during training steps over
 the process's size before the model was built (Linux only).
 
+The scaling sweep (``--sweep``, implied by ``--plot``) times training steps of the same
+workloads at other shapes: the LSTM over sequence length and over batch size, the conv workload
+(``bn``) over batch size, with fewer steps (``--sweep-steps``). ``--plot FILE.png`` draws the
+gpunet/PyTorch ratios and the sweep; it needs matplotlib (``pip install "gpunet[bench]"``).
+
+``--threads N`` limits both frameworks to N threads: PyTorch through ``torch.set_num_threads``,
+gpunet's BLAS (OpenBLAS, OpenMP or MKL under NumPy) by re-running the command with
+OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS set to N, since those libraries read
+them only at start-up. Without it each library uses its own default.
+
 Run it as ``gpunet bench`` or ``python scripts/bench.py``.
 """
 from __future__ import annotations
@@ -20,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,6 +53,10 @@ class Workload:
     x_shape: tuple[int, ...]
     classes: int | None = 10
     target_shape: tuple[int, ...] = ()
+
+
+def _mlp() -> Any:
+    return Sequential([Dense(784, 512), ReLU(), Dense(512, 512), ReLU(), Dense(512, 10)])
 
 
 def _torch_mlp(torch: Any) -> Any:
@@ -98,17 +112,49 @@ def _torch_bn(torch: Any) -> Any:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-WORKLOADS: dict[str, Workload] = {
-    "mlp": Workload("batch 128, 784-512-512-10, ReLU, softmax cross-entropy",
-                    lambda: Sequential([Dense(784, 512), ReLU(), Dense(512, 512), ReLU(),
-                                        Dense(512, 10)]),
-                    _torch_mlp, (128, 784)),
-    "lenet": Workload("batch 64, 1x28x28, LeNet-5 with ReLU and max pooling",
-                      _lenet, _torch_lenet, (64, 1, 28, 28)),
-    "lstm": Workload("batch 32, 50 steps, input 64, hidden 256, last state to 1 output, MSE",
-                     _lstm, _TorchLSTM, (32, 50, 64), classes=None, target_shape=(32, 1)),
-    "bn": Workload("batch 128, 3x32x32, 2x (conv 3x3 to 32, BatchNorm, ReLU), global pool, "
-                   "dense 10", _bn, _torch_bn, (128, 3, 32, 32)),
+def workload(name: str, batch: int | None = None, seq: int | None = None) -> Workload:
+    """The workload ``name`` at the shapes of issue 7 (those in ``WORKLOADS``), or with the
+    batch size ``batch`` and, for ``lstm`` only, the sequence length ``seq`` in their place.
+    The model is the same at every shape: only the data's shape changes."""
+    if seq is not None and name != "lstm":
+        raise ValueError(f"workload {name!r} has no sequence length")
+    if name == "mlp":
+        b = batch or 128
+        return Workload(f"batch {b}, 784-512-512-10, ReLU, softmax cross-entropy",
+                        _mlp, _torch_mlp, (b, 784))
+    if name == "lenet":
+        b = batch or 64
+        return Workload(f"batch {b}, 1x28x28, LeNet-5 with ReLU and max pooling",
+                        _lenet, _torch_lenet, (b, 1, 28, 28))
+    if name == "lstm":
+        b, t = batch or 32, seq or 50
+        return Workload(f"batch {b}, {t} steps, input 64, hidden 256, last state to 1 output, "
+                        "MSE", _lstm, _TorchLSTM, (b, t, 64), classes=None, target_shape=(b, 1))
+    if name == "bn":
+        b = batch or 128
+        return Workload(f"batch {b}, 3x32x32, 2x (conv 3x3 to 32, BatchNorm, ReLU), global "
+                        "pool, dense 10", _bn, _torch_bn, (b, 3, 32, 32))
+    raise ValueError(f"unknown workload {name!r}; known: mlp, lenet, lstm, bn")
+
+
+WORKLOADS: dict[str, Workload] = {name: workload(name) for name in ("mlp", "lenet", "lstm", "bn")}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Training steps of ``workload`` with its ``param`` (``"batch"`` or ``"seq"``) set to each
+    of ``sizes`` in turn, its other shapes at their defaults; ``title`` names it in the plot."""
+
+    workload: str
+    param: str
+    sizes: tuple[int, ...]
+    title: str
+
+
+SWEEPS: dict[str, Sweep] = {
+    "lstm-seq": Sweep("lstm", "seq", (25, 50, 100, 200), "LSTM (batch 32) over sequence length"),
+    "lstm-batch": Sweep("lstm", "batch", (32, 64, 128, 256), "LSTM (50 steps) over batch size"),
+    "bn-batch": Sweep("bn", "batch", (16, 32, 64, 128), "conv + BatchNorm (bn) over batch size"),
 }
 
 
@@ -124,7 +170,7 @@ class _GpunetRunner:
     def __init__(self, w: Workload, device: str) -> None:
         self.dev = gpunet.device(device)
         gpunet.seed(0)
-        self.model = w.gpunet_model().to(self.dev)
+        self.model = w.gpunet_model().to(self.dev).set_input_grad(False)  # as in PyTorch
         self.loss = SoftmaxCrossEntropy() if w.classes else MSE()
         self.opt = optim.SGD(self.model.params(), lr=0.01, momentum=0.9)
         x, y = _data(w)
@@ -190,29 +236,42 @@ def _import_torch() -> Any:
     return torch
 
 
-def measure(name: str, device: str = "cpu", steps: int = 30, warmup: int = 5,
-            threads: int | None = None) -> dict[str, Any]:
-    """Time ``steps`` alternating training steps and inference passes of both frameworks."""
-    w = WORKLOADS[name]
+def _runners(w: Workload, device: str, threads: int | None) -> dict[str, Any]:
     torch = _import_torch()
     runners: dict[str, Any] = {"gpunet": _GpunetRunner(w, device)}
     if torch is not None:
         if threads:
             torch.set_num_threads(threads)
         runners["torch"] = _TorchRunner(w, device, torch)
+    return runners
+
+
+def _alternate(runners: dict[str, Any], steps: int, warmup: int,
+               phases: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each of the runners' ``phases`` (method names) in ``steps`` rounds after
+    ``warmup`` untimed ones; within a round the frameworks take turns, so that drifts of the
+    machine hit both alike."""
     for r in runners.values():
         for _ in range(warmup):
-            r.train_step()
-            r.infer()
-    train: dict[str, list[float]] = {k: [] for k in runners}
-    infer: dict[str, list[float]] = {k: [] for k in runners}
+            for phase in phases:
+                getattr(r, phase)()
+    times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in phases} for k in runners}
     for _ in range(steps):
         for k, r in runners.items():
-            train[k].append(_timed(r.train_step))
-            infer[k].append(_timed(r.infer))
+            for phase in phases:
+                times[k][phase].append(_timed(getattr(r, phase)))
+    return times
+
+
+def measure(name: str, device: str = "cpu", steps: int = 30, warmup: int = 5,
+            threads: int | None = None) -> dict[str, Any]:
+    """Time ``steps`` alternating training steps and inference passes of both frameworks."""
+    w = WORKLOADS[name]
+    runners = _runners(w, device, threads)
+    times = _alternate(runners, steps, warmup, ("train_step", "infer"))
     result: dict[str, Any] = {"workload": name, "description": w.description, "device": device}
     for k in runners:
-        result[k] = {"train": _stats(train[k]), "infer": _stats(infer[k]),
+        result[k] = {"train": _stats(times[k]["train_step"]), "infer": _stats(times[k]["infer"]),
                      "peak_mb": peak_memory(name, k, device)}
     if "torch" in runners:
         result["ratio_train"] = (result["gpunet"]["train"]["median_ms"]
@@ -221,6 +280,28 @@ def measure(name: str, device: str = "cpu", steps: int = 30, warmup: int = 5,
                                  / result["torch"]["infer"]["median_ms"])
         result["ratio_memory"] = result["gpunet"]["peak_mb"] / max(result["torch"]["peak_mb"], 1e-9)
     return result
+
+
+def sweep(device: str = "cpu", steps: int = 5, warmup: int = 2,
+          threads: int | None = None) -> list[dict[str, Any]]:
+    """Training-step time of both frameworks at every size of every sweep in ``SWEEPS``: one
+    row per size, with the stats of ``steps`` alternating training steps after ``warmup``
+    untimed ones (no inference, no peak memory), and gpunet/PyTorch median ratio when PyTorch
+    is installed."""
+    rows = []
+    for label, s in SWEEPS.items():
+        for size in s.sizes:
+            w = workload(s.workload, **{s.param: size})
+            runners = _runners(w, device, threads)
+            times = _alternate(runners, steps, warmup, ("train_step",))
+            row: dict[str, Any] = {"sweep": label, "workload": s.workload, "param": s.param,
+                                   "size": size, "description": w.description, "device": device}
+            for k in runners:
+                row[k] = _stats(times[k]["train_step"])
+            if "torch" in runners:
+                row["ratio"] = row["gpunet"]["median_ms"] / row["torch"]["median_ms"]
+            rows.append(row)
+    return rows
 
 
 def _status_mb(field: str) -> float:
@@ -259,11 +340,14 @@ def peak_memory(name: str, framework: str, device: str) -> float:
 
 
 def environment() -> dict[str, Any]:
+    """The machine, the versions, the command line and the frameworks' thread settings."""
     torch = _import_torch()
     env = {"date": str(date.today()), "machine": platform.machine(), "cpus": os.cpu_count(),
            "cpu": _cpu_name(), "python": platform.python_version(), "numpy": np.__version__,
            "gpunet": gpunet.__version__, "torch": getattr(torch, "__version__", None),
-           "command": " ".join(sys.argv)}
+           "command": " ".join(sys.argv),
+           # what --threads set for gpunet's BLAS (None: the library's default)
+           "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
     if torch is not None:
         env["torch_threads"] = torch.get_num_threads()
     return env
@@ -295,25 +379,191 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of ``sweep`` as a text table: median (min-max) ms per training step."""
+    lines = [f"{'sweep':<10} {'size':>5} {'gpunet train ms (min-max)':>26} {'torch train ms':>15} "
+             f"{'ratio':>6}"]
+    for r in rows:
+        g, t = r["gpunet"], r.get("torch")
+        gt = f"{g['median_ms']:.2f} ({g['min_ms']:.2f}-{g['max_ms']:.2f})"
+        torch_part = (f"{'(no torch)':>15}" if t is None
+                      else f"{t['median_ms']:>15.2f} {r['ratio']:>6.2f}")
+        lines.append(f"{r['sweep']:<10} {r['size']:>5} {gt:>26} {torch_part}")
+    return "\n".join(lines)
+
+
+_NO_MATPLOTLIB = 'the plot needs matplotlib: pip install "gpunet[bench]"'
+
+
+def _agg() -> tuple[Any, Any]:
+    """matplotlib's Figure and its Agg canvas, imported only when a plot is asked for, since
+    matplotlib is an optional dependency (the ``bench`` extra). The Agg canvas renders to a
+    file without a display and leaves pyplot's global backend alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(_NO_MATPLOTLIB) from e
+    return Figure, FigureCanvasAgg
+
+
+def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[str, Any],
+         path: str) -> None:
+    """Write to ``path`` a figure of the gpunet/PyTorch ratios per workload (training step,
+    inference, peak memory; lines at parity and at the 1.5 target) and one panel per sweep of
+    ``rows`` with both frameworks' median ms per training step on log-log axes."""
+    Figure, FigureCanvasAgg = _agg()
+    panels = 1 + len(SWEEPS)
+    ncols = 2
+    nrows = -(-panels // ncols)
+    fig = Figure(figsize=(6 * ncols, 4.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig.suptitle(f"gpunet {env['gpunet']} vs PyTorch {env['torch'] or '(not installed)'}: "
+                 f"{env['cpu']}, {env['cpus']} cpus, device {results[0]['device']}, "
+                 f"BLAS threads {env['blas_threads'] or 'default'}, torch threads "
+                 f"{env.get('torch_threads', '-')}, {env['date']}", fontsize=10)
+
+    ax = axes[0]
+    ax.set_title("gpunet / PyTorch (lower is better for gpunet)")
+    compared = [r for r in results if "ratio_train" in r]
+    if compared:
+        width = 0.27
+        for i, (key, label) in enumerate((("ratio_train", "training step"),
+                                          ("ratio_infer", "inference"),
+                                          ("ratio_memory", "peak memory"))):
+            bars = ax.bar([j + (i - 1) * width for j in range(len(compared))],
+                          [r[key] for r in compared], width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(range(len(compared)), [r["workload"] for r in compared])
+        ax.axhline(1.0, color="black", linewidth=1, label="parity")
+        ax.axhline(1.5, color="red", linestyle="--", linewidth=1, label="target 1.5")
+        ax.set_ylabel("ratio")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "PyTorch not installed", ha="center", va="center",
+                transform=ax.transAxes, fontsize=12)
+        ax.set_axis_off()
+
+    for ax, (label, s) in zip(axes[1:], SWEEPS.items()):
+        mine = [r for r in rows if r["sweep"] == label]
+        sizes = [r["size"] for r in mine]
+        for framework, name in (("gpunet", "gpunet"), ("torch", "PyTorch")):
+            if all(framework in r for r in mine):
+                ax.plot(sizes, [r[framework]["median_ms"] for r in mine], marker="o", label=name)
+        # cost proportional to size through gpunet's first point, to read the growth against
+        first = mine[0]["gpunet"]["median_ms"]
+        ax.plot(sizes, [first * n / sizes[0] for n in sizes], color="gray", linestyle=":",
+                linewidth=1, label="proportional to size")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+        ax.set_title(s.title)
+        ax.set_xlabel("sequence length" if s.param == "seq" else "batch size")
+        ax.set_ylabel("ms per training step (median)")
+        ax.legend(fontsize=8)
+    for ax in axes[panels:]:
+        ax.set_axis_off()
+    fig.savefig(path, dpi=110)
+
+
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def threads_reexec(threads: int, environ: Mapping[str, str],
+                   command: Sequence[str]) -> tuple[list[str], dict[str, str]] | None:
+    """The argv and environment for ``os.execve(sys.executable, ...)`` that run ``command``
+    (this process's ``sys.orig_argv``: ``python -m gpunet bench ...``, ``python
+    scripts/bench.py ...`` or the ``gpunet`` script run by its interpreter) again with
+    OpenBLAS, OpenMP and MKL limited to ``threads``, which they read only at start-up; None
+    when ``environ`` already limits all three to it, as in the re-run, which thus goes on."""
+    want = str(threads)
+    if all(environ.get(var) == want for var in _BLAS_THREAD_VARS):
+        return None
+    return [sys.executable, *command[1:]], {**environ, **dict.fromkeys(_BLAS_THREAD_VARS, want)}
+
+
+def _limit_blas_threads(threads: int, argv: list[str] | None) -> None:
+    """Re-run this process under ``threads_reexec``, or say why it cannot."""
+    # only the process's own command line can be re-run; a caller of main() in-process
+    # (tests, notebooks) would be replaced by the re-run
+    if argv is not None and list(argv) != sys.argv[len(sys.argv) - len(argv):]:
+        print(f"gpunet bench: --threads {threads} limits PyTorch only when called in-process; "
+              f"set OPENBLAS_NUM_THREADS={threads} before start-up for gpunet's BLAS",
+              file=sys.stderr)
+        return
+    rerun = threads_reexec(threads, os.environ, sys.orig_argv)
+    if rerun is None:
+        return
+    print(f"gpunet bench: re-running with {'='.join(_BLAS_THREAD_VARS)}={threads}",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, *rerun)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="gpunet bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="gpunet bench", description=__doc__.split("\n\n")[0],
+        epilog="Training step: forward, backward, SGD-with-momentum update; the frameworks "
+               "alternate step by step. Peak memory: resident-set growth during training "
+               "steps, in a fresh subprocess (Linux). Without --threads each library uses its "
+               "own default number of threads. The sweep adds under a minute on an idle "
+               "2-core CPU.")
     p.add_argument("workloads", nargs="*", help=f"default: all ({', '.join(WORKLOADS)})")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's own)")
-    p.add_argument("--json", metavar="FILE", help="write the results and environment as JSON")
+    p.add_argument("--steps", type=int, default=30, metavar="N",
+                   help="timed steps per workload after 5 warm-up steps (default 30)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="limit both frameworks to N threads: PyTorch via torch.set_num_threads, "
+                        "gpunet's BLAS by re-running the command with OPENBLAS_NUM_THREADS, "
+                        "OMP_NUM_THREADS and MKL_NUM_THREADS set to N (default: each library's "
+                        "own default)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the results, the sweep (if run) and the environment as JSON")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time training steps over shapes: "
+                        + "; ".join(f"{s.workload} {s.param} {', '.join(map(str, s.sizes))}"
+                                    for s in SWEEPS.values()))
+    p.add_argument("--sweep-steps", type=int, default=5, metavar="N",
+                   help="timed steps per sweep size after 2 warm-up steps (default 5)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw the gpunet/PyTorch ratios and the sweep (implies --sweep); needs "
+                        'matplotlib: pip install "gpunet[bench]"')
     args = p.parse_args(argv)
     names = args.workloads or list(WORKLOADS)
     unknown = set(names) - set(WORKLOADS)
     if unknown:
         p.error(f"unknown workloads {sorted(unknown)}; known: {sorted(WORKLOADS)}")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+    if args.plot:
+        try:  # fail before minutes of measuring, not after
+            _agg()
+        except ImportError as e:
+            p.error(str(e))
+    if args.threads is not None:
+        _limit_blas_threads(args.threads, argv)
     results = [measure(n, args.device, args.steps, threads=args.threads) for n in names]
+    rows = (sweep(args.device, args.sweep_steps, threads=args.threads)
+            if args.sweep or args.plot else [])
     env = environment()
     print(f"# {env['date']} {env['cpu']} ({env['cpus']} cpus), numpy {env['numpy']}, "
-          f"torch {env['torch']}, device {args.device}")
+          f"torch {env['torch']}, device {args.device}, BLAS threads "
+          f"{env['blas_threads'] or 'default'}, torch threads {env.get('torch_threads', '-')}")
     print(table(results))
+    if rows:
+        print()
+        print(sweep_table(rows))
     if args.json:
+        report: dict[str, Any] = {"environment": env, "results": results}
+        if rows:
+            report["sweep"] = rows
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results}, f, indent=2)
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(results, rows, env, args.plot)
+        print(f"# plot: {args.plot}")
     return 0
