@@ -562,9 +562,12 @@ class CpuBackend(Backend):
         else:
             dx = np.empty(x_shape, dtype=dy.dtype)
             for b in blocks:
-                dy2 = np.ascontiguousarray(dy[b].transpose(1, 0, 2, 3)).reshape(o, -1)
-                dx[b] = self.col2im(w2.T @ dy2, (b.stop - b.start, *x_shape[1:]), (kh, kw),
-                                    stride, padding)
+                dy2 = self._scratch("product", (o, b.stop - b.start, ho, wo), dy.dtype)
+                dy2[...] = dy[b].transpose(1, 0, 2, 3)
+                dcols = np.matmul(w2.T, dy2.reshape(o, -1), out=self._scratch(
+                    "columns", (w2.shape[1], dy2[0].size), dy.dtype))
+                dx[b] = self.col2im(dcols, (b.stop - b.start, *x_shape[1:]), (kh, kw), stride,
+                                    padding)
         return dx, dweight.reshape(weight.shape), dbias
 
 
