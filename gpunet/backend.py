@@ -461,8 +461,9 @@ class CpuBackend(Backend):
     of ``Wo``. The GEMM computes ``Wp - Wo`` extra outputs per row, which are dropped. The
     input gradient of a stride-1 convolution is itself a stride-1 correlation (of ``dy`` with
     the kernel flipped and its channel axes swapped), so it takes the same path where that is
-    cheaper than col2im (not where it would pad a few output channels widely, as LeNet's
-    second convolution); other strides use col2im.
+    cheaper than a gather (not where it would pad a few output channels widely, as LeNet's
+    second convolution); the gather adds contiguous runs back (:meth:`_uncolumns`) with stride
+    1, and is col2im with other strides.
     """
 
     #: the size of one block's column matrix
@@ -531,46 +532,61 @@ class CpuBackend(Backend):
             y[b] = out.reshape(o, -1, ho, width)[..., :wo].transpose(1, 0, 2, 3)
         return y, x
 
+    def _uncolumns(self, dcols: Array, x_shape: Sequence[int], kernel: Sequence[int],
+                   padding: Sequence[int]) -> Array:
+        """The adjoint of the stride-1 :meth:`_columns`: ``dx`` of a block from ``dcols``
+        ``(C kh kw, N Ho Wp)``, one add of a contiguous run per kernel offset. The columns
+        forward dropped must be zero in ``dcols``: they land in the padding."""
+        n, c, h, w = x_shape
+        (kh, kw), (ph, pw) = kernel, padding
+        hp, wp = h + 2 * ph, w + 2 * pw
+        run = (hp - kh + 1) * wp
+        d = dcols.reshape(c, kh, kw, n, run)
+        acc = self._scratch("padded", (c, n, (hp + 1) * wp), dcols.dtype)
+        acc.fill(0)
+        for i in range(kh):
+            for j in range(kw):
+                acc[:, :, i * wp + j:i * wp + j + run] += d[:, i, j]
+        return acc.reshape(c, n, hp + 1, wp)[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3)
+
     def backprop_conv2d(self, dy: Array, x: Array, x_shape: Sequence[int], weight: Array,
                         stride: Sequence[int], padding: Sequence[int], bias: bool = True,
                         input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
         """As :meth:`Backend.backprop_conv2d`, blocked over samples, from the saved ``x``."""
         (o, c, kh, kw), (ho, wo) = weight.shape, dy.shape[2:]
         w2 = weight.reshape(o, -1)
-        blocks = self._blocks(x_shape, weight, stride, padding)
+        ph, pw = kh - 1 - padding[0], kw - 1 - padding[1]
+        # the correlation reads an O-channel image padded by k - 1 - p; col2im writes and
+        # adds up C kh kw runs per output pixel: about twice the cost per element
+        correlate = input_grad and (tuple(stride) == (1, 1) and ph >= 0 and pw >= 0
+                                    and o * x_shape[2] * (x_shape[3] + kw - 1)
+                                    <= 2 * c * ho * wo)
+        gather = input_grad and not correlate
+        dx = np.empty(x_shape, dtype=dy.dtype) if gather else None
         dweight_t = np.zeros((w2.shape[1], o), dtype=w2.dtype)
-        for b in blocks:
+        for b in self._blocks(x_shape, weight, stride, padding):
             cols, width = self._columns(x[b], (kh, kw), stride, padding)
             # dy laid out as the GEMM's output was, zero in the columns forward dropped
             dy2 = self._scratch("product", (o, b.stop - b.start, ho, width), dy.dtype)
             dy2[..., wo:] = 0
             dy2[..., :wo] = dy[b].transpose(1, 0, 2, 3)
+            dy2 = dy2.reshape(o, -1)
             # dweight^T = cols dy^T: OpenBLAS runs this orientation a third faster than
             # dy cols^T (1.2 -> 0.8 ms for a 32 x 288 x 3264 block on one thread)
-            dweight_t += cols @ dy2.reshape(o, -1).T
+            dweight_t += cols @ dy2.T
+            if gather:  # dcols = weight^T dy, over the block's columns (no longer needed)
+                dcols = np.matmul(w2.T, dy2, out=cols)
+                shape = (b.stop - b.start, *x_shape[1:])
+                dx[b] = (self._uncolumns(dcols, shape, (kh, kw), padding)
+                         if tuple(stride) == (1, 1) else
+                         self.col2im(dcols, shape, (kh, kw), stride, padding))
         dweight = dweight_t.T.reshape(weight.shape)
         dbias = self.conv_bias_grad(dy) if bias else None
-        if not input_grad:
-            return None, dweight, dbias
-        ph, pw = kh - 1 - padding[0], kw - 1 - padding[1]
-        # the correlation reads an O-channel image padded by k - 1 - p; col2im writes and
-        # adds up C kh kw strided runs per output pixel: about twice the cost per element
-        correlate = (tuple(stride) == (1, 1) and ph >= 0 and pw >= 0
-                     and o * x_shape[2] * (x_shape[3] + kw - 1) <= 2 * c * ho * wo)
         if correlate:
             # dx[n, c, h, w] = sum_{o,i,j} weight[o, c, i, j] dy[n, o, h + p - i, w + p - j]:
             # a correlation of dy, padded by k - 1 - p, with the flipped, transposed kernel
             flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
             dx = self.conv2d(dy, flipped, None, (1, 1), (ph, pw))[0]
-        else:
-            dx = np.empty(x_shape, dtype=dy.dtype)
-            for b in blocks:
-                dy2 = self._scratch("product", (o, b.stop - b.start, ho, wo), dy.dtype)
-                dy2[...] = dy[b].transpose(1, 0, 2, 3)
-                dcols = np.matmul(w2.T, dy2.reshape(o, -1), out=self._scratch(
-                    "columns", (w2.shape[1], dy2[0].size), dy.dtype))
-                dx[b] = self.col2im(dcols, (b.stop - b.start, *x_shape[1:]), (kh, kw), stride,
-                                    padding)
         return dx, dweight, dbias
 
 
