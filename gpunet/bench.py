@@ -15,7 +15,11 @@ gpunet/PyTorch ratios and the sweep; it needs matplotlib (``pip install "gpunet[
 ``--threads N`` limits both frameworks to N threads: PyTorch through ``torch.set_num_threads``,
 gpunet's BLAS (OpenBLAS, OpenMP or MKL under NumPy) by re-running the command with
 OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS set to N, since those libraries read
-them only at start-up. Without it each library uses its own default.
+them only at start-up. Without it each library uses its own default. On the CPU the command
+also re-runs with OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 unless they are set:
+idle threads then sleep, so the framework not being timed does not spin on the cores of the
+one being timed (an artefact of two thread pools in one process, which a user running one
+framework never meets).
 
 Run it as ``gpunet bench`` or ``python scripts/bench.py``.
 """
@@ -347,7 +351,8 @@ def environment() -> dict[str, Any]:
            "gpunet": gpunet.__version__, "torch": getattr(torch, "__version__", None),
            "command": " ".join(sys.argv),
            # what --threads set for gpunet's BLAS (None: the library's default)
-           "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+           "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+           "idle_threads": {k: os.environ.get(k) for k in _IDLE_VARS}}
     if torch is not None:
         env["torch_threads"] = torch.get_num_threads()
     return env
@@ -469,34 +474,44 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[st
 
 
 _BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: Set unless the caller set them: idle threads of either library sleep instead of spinning.
+#: OpenBLAS's workers spin ~2^28 cycles after each call and OpenMP's a while after each
+#: region, so in one process on few cores the framework not being timed held the cores of the
+#: one being timed (LeNet, 2 cores: PyTorch 15 -> 7 ms with OpenBLAS's workers asleep).
+_IDLE_VARS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
-def threads_reexec(threads: int, environ: Mapping[str, str],
-                   command: Sequence[str]) -> tuple[list[str], dict[str, str]] | None:
+def reexec_environment(threads: int | None, environ: Mapping[str, str],
+                       command: Sequence[str]) -> tuple[list[str], dict[str, str]] | None:
     """The argv and environment for ``os.execve(sys.executable, ...)`` that run ``command``
     (this process's ``sys.orig_argv``: ``python -m gpunet bench ...``, ``python
-    scripts/bench.py ...`` or the ``gpunet`` script run by its interpreter) again with
-    OpenBLAS, OpenMP and MKL limited to ``threads``, which they read only at start-up; None
-    when ``environ`` already limits all three to it, as in the re-run, which thus goes on."""
-    want = str(threads)
-    if all(environ.get(var) == want for var in _BLAS_THREAD_VARS):
+    scripts/bench.py ...`` or the ``gpunet`` script run by its interpreter) again with the
+    variables that OpenBLAS, OpenMP and MKL read only at start-up: their thread counts
+    limited to ``threads`` (when given) and :data:`_IDLE_VARS` where ``environ`` lacks them.
+    None when ``environ`` already has them all, as in the re-run, which thus goes on."""
+    want = {k: v for k, v in _IDLE_VARS.items() if k not in environ}
+    if threads is not None:
+        want.update(dict.fromkeys(_BLAS_THREAD_VARS, str(threads)))
+    if all(environ.get(k) == v for k, v in want.items()):
         return None
-    return [sys.executable, *command[1:]], {**environ, **dict.fromkeys(_BLAS_THREAD_VARS, want)}
+    return [sys.executable, *command[1:]], {**environ, **want}
 
 
-def _limit_blas_threads(threads: int, argv: list[str] | None) -> None:
-    """Re-run this process under ``threads_reexec``, or say why it cannot."""
+def _reexec(threads: int | None, argv: list[str] | None) -> None:
+    """Re-run this process under ``reexec_environment``, or say why it cannot."""
     # only the process's own command line can be re-run; a caller of main() in-process
-    # (tests, notebooks) would be replaced by the re-run
+    # (tests, notebooks) would be replaced by the re-run, and keeps its environment
     if argv is not None and list(argv) != sys.argv[len(sys.argv) - len(argv):]:
-        print(f"gpunet bench: --threads {threads} limits PyTorch only when called in-process; "
-              f"set OPENBLAS_NUM_THREADS={threads} before start-up for gpunet's BLAS",
-              file=sys.stderr)
+        if threads is not None:
+            print(f"gpunet bench: --threads {threads} limits PyTorch only when called "
+                  f"in-process; set OPENBLAS_NUM_THREADS={threads} before start-up for "
+                  "gpunet's BLAS", file=sys.stderr)
         return
-    rerun = threads_reexec(threads, os.environ, sys.orig_argv)
+    rerun = reexec_environment(threads, os.environ, sys.orig_argv)
     if rerun is None:
         return
-    print(f"gpunet bench: re-running with {'='.join(_BLAS_THREAD_VARS)}={threads}",
+    changed = {k: v for k, v in rerun[1].items() if os.environ.get(k) != v}
+    print("gpunet bench: re-running with " + " ".join(f"{k}={v}" for k, v in changed.items()),
           file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -510,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Training step: forward, backward, SGD-with-momentum update; the frameworks "
                "alternate step by step. Peak memory: resident-set growth during training "
                "steps, in a fresh subprocess (Linux). Without --threads each library uses its "
-               "own default number of threads. The sweep adds under a minute on an idle "
+               "own default number of threads. On the CPU the command re-runs itself with "
+               "OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 unless they are set, so "
+               "the idle threads of the framework not being timed sleep instead of spinning "
+               "on the cores the timed one uses. The sweep adds about a minute on an idle "
                "2-core CPU.")
     p.add_argument("workloads", nargs="*", help=f"default: all ({', '.join(WORKLOADS)})")
     p.add_argument("--device", default="cpu")
@@ -544,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             _agg()
         except ImportError as e:
             p.error(str(e))
-    if args.threads is not None:
-        _limit_blas_threads(args.threads, argv)
+    if args.device == "cpu":
+        _reexec(args.threads, argv)
     results = [measure(n, args.device, args.steps, threads=args.threads) for n in names]
     rows = (sweep(args.device, args.sweep_steps, threads=args.threads)
             if args.sweep or args.plot else [])

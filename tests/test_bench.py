@@ -91,14 +91,19 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
     assert 'pip install "gpunet[bench]"' in capsys.readouterr().err
 
 
-def test_threads_reexec_sets_the_blas_variables():
+def test_reexec_sets_the_blas_and_idle_variables():
     command = ["python", "-m", "gpunet", "bench", "--threads", "2"]
-    argv, env = bench.threads_reexec(2, {"PATH": "/bin", "OMP_NUM_THREADS": "8"}, command)
+    argv, env = bench.reexec_environment(2, {"PATH": "/bin", "OMP_NUM_THREADS": "8"}, command)
     assert argv == [sys.executable, "-m", "gpunet", "bench", "--threads", "2"]
     assert env == {"PATH": "/bin", "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2",
-                   "MKL_NUM_THREADS": "2"}
+                   "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE",
+                   "OPENBLAS_THREAD_TIMEOUT": "4"}
     # the re-run finds them set and goes on instead of re-running itself
-    assert bench.threads_reexec(2, env, command) is None
+    assert bench.reexec_environment(2, env, command) is None
+    # without --threads only the idle policy is set, and a caller's own choice is kept
+    argv, env = bench.reexec_environment(None, {"OMP_WAIT_POLICY": "ACTIVE"}, command)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert bench.reexec_environment(None, env, command) is None
 
 
 class _Exec(Exception):
@@ -113,7 +118,8 @@ def test_threads_option_re_executes_the_command_line(monkeypatch):
         raise _Exec  # instead of replacing the test process
 
     monkeypatch.setattr(bench.os, "execve", execve)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
     # as `gpunet bench mlp --threads 1`: the console script is sys.argv[0]
     monkeypatch.setattr(sys, "argv", ["/venv/bin/gpunet", "bench", "mlp", "--threads", "1"])
@@ -124,6 +130,7 @@ def test_threads_option_re_executes_the_command_line(monkeypatch):
     assert path == sys.executable
     assert argv == [sys.executable, "/venv/bin/gpunet", "bench", "mlp", "--threads", "1"]
     assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OPENBLAS_THREAD_TIMEOUT"] == "4"
 
 
 def test_threads_in_process_does_not_re_execute(monkeypatch, capsys):
