@@ -427,7 +427,9 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[st
     fig.suptitle(f"gpunet {env['gpunet']} vs PyTorch {env['torch'] or '(not installed)'}: "
                  f"{env['cpu']}, {env['cpus']} cpus, device {results[0]['device']}, "
                  f"BLAS threads {env['blas_threads'] or 'default'}, torch threads "
-                 f"{env.get('torch_threads', '-')}, {env['date']}", fontsize=10)
+                 f"{env.get('torch_threads', '-')}, idle threads "
+                 f"{'passive' if env.get('idle_threads', {}).get('OMP_WAIT_POLICY') else 'default'}"
+                 f", {env['date']}", fontsize=10)
 
     ax = axes[0]
     ax.set_title("gpunet / PyTorch (lower is better for gpunet)")
