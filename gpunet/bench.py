@@ -369,12 +369,16 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _spread(stats: dict[str, float]) -> str:
+    return f"{stats['median_ms']:.2f} ({stats['min_ms']:.2f}-{stats['max_ms']:.2f})"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [f"{'workload':<8} {'gpunet train ms (min-max)':>26} {'torch train ms':>15} "
              f"{'ratio':>6} {'infer ratio':>11} {'peak MiB g/t':>14} {'mem ratio':>9}"]
     for r in results:
         g, t = r["gpunet"], r.get("torch")
-        gt = f"{g['train']['median_ms']:.2f} ({g['train']['min_ms']:.2f}-{g['train']['max_ms']:.2f})"
+        gt = _spread(g["train"])
         if t is None:
             lines.append(f"{r['workload']:<8} {gt:>26} {'(no torch)':>15}")
             continue
@@ -390,7 +394,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
              f"{'ratio':>6}"]
     for r in rows:
         g, t = r["gpunet"], r.get("torch")
-        gt = f"{g['median_ms']:.2f} ({g['min_ms']:.2f}-{g['max_ms']:.2f})"
+        gt = _spread(g)
         torch_part = (f"{'(no torch)':>15}" if t is None
                       else f"{t['median_ms']:>15.2f} {r['ratio']:>6.2f}")
         lines.append(f"{r['sweep']:<10} {r['size']:>5} {gt:>26} {torch_part}")

@@ -11,7 +11,7 @@ import pytest
 import gpunet
 from gpunet import DTypeError, DeviceError, ShapeError, StateError, gradcheck, parity
 from gpunet.layers import (ELU, GRU, LSTM, SELU, Concat, Conv2D, Dense, Dropout, Flatten,
-                           LastStep, LeakyReLU, NonlinearityGenerator, ReLU, Sequential, Sigmoid,
+                           LastStep, LeakyReLU, NonlinearityGenerator, ReLU, RNN, Sequential, Sigmoid,
                            SigmoidGenerator, Softmax, Softplus, Sum, Tanh, TimeMajor)
 from gpunet.losses import MSE
 from gpunet.optim import SGD
@@ -222,6 +222,7 @@ def test_array_from_another_device_is_reported():
 SKIPPERS = {  # layers whose backward can skip dx, with an input shape
     "Dense": (lambda: Dense(5, 3), (4, 5)),
     "Conv2D": (lambda: Conv2D(2, 3, 3, padding=1), (2, 2, 5, 4)),
+    "RNN": (lambda: RNN(3, 4), (5, 2, 3)),
     "LSTM": (lambda: LSTM(3, 4), (5, 2, 3)),
     "GRU": (lambda: GRU(3, 4), (5, 2, 3)),
 }
