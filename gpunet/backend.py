@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from typing import Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -167,6 +168,28 @@ class Backend:
         return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
     # -- batch normalisation -------------------------------------------------------------
+    # Arrays are (N, C) or (N, C, H, W); per-channel vectors have shape (C,).
+    @staticmethod
+    def _per_channel(v: Array, ndim: int) -> Array:
+        """``v`` of shape ``(C,)`` shaped to broadcast along axis 1 of an ``ndim`` array."""
+        return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+    def channel_sum(self, x: Array) -> Array:
+        """``sum(x)`` over every axis but axis 1."""
+        return x.sum(axis=(0,) + tuple(range(2, x.ndim)))
+
+    def channel_sq_dev(self, x: Array, mean: Array) -> Array:
+        """``sum((x - mean)^2)`` over every axis but axis 1."""
+        centred = x - self._per_channel(mean, x.ndim)
+        return self.channel_dot(centred, centred)
+
+    def batchnorm_apply(self, x: Array, mean: Array, scale: Array, shift: Array) -> Array:
+        """``(x - mean) scale + shift`` per channel, as a fresh array."""
+        y = x - self._per_channel(mean, x.ndim)
+        y *= self._per_channel(scale, x.ndim)
+        y += self._per_channel(shift, x.ndim)
+        return y
+
     def channel_dot(self, a: Array, b: Array) -> Array:
         """``sum(a * b)`` over every axis but axis 1 of ``(N, C, ...)`` arrays, shape
         ``(C,)``, without the product array: dot products along each ``(n, c)`` row, then a
@@ -468,10 +491,82 @@ class CpuBackend(Backend):
 
     #: the size of one block's column matrix
     BLOCK_BYTES = 4 << 20
+    #: element-wise work on arrays of at least this many elements is split over threads
+    PARALLEL_MIN = 1 << 18
 
     def __init__(self, xp: Any = np, name: str = "cpu") -> None:
         super().__init__(xp, name)
         self._local = threading.local()
+        self.threads = _cpu_threads()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    def _parallel(self, x: Array, fn: Callable[[slice], Any]) -> list[Any]:
+        """``fn`` over parts of ``x``'s leading axis, one per thread, and its results in
+        order. NumPy's BLAS is threaded but its element-wise loops are not; they release the
+        GIL, so the calling thread takes the first part and a pool the others. Small arrays
+        (under :attr:`PARALLEL_MIN` elements), and calls from the pool's own threads, run in
+        one part."""
+        n = x.shape[0]
+        nested = threading.current_thread().name.startswith("gpunet-cpu")  # never wait on
+        parts = 1 if nested or x.size < self.PARALLEL_MIN else min(self.threads, n)  # the pool
+        bounds = [n * k // parts for k in range(parts + 1)]
+        slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        if parts == 1:
+            return [fn(slices[0])]
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no pool
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpunet-cpu")
+            self._pool_pid = os.getpid()
+        futures = [self._pool.submit(fn, s) for s in slices[1:]]
+        return [fn(slices[0])] + [f.result() for f in futures]
+
+    def relu(self, x: Array) -> Array:
+        y = np.empty_like(x)
+        self._parallel(x, lambda s: np.maximum(x[s], 0, out=y[s]))
+        return y
+
+    def backprop_relu(self, dy: Array, x: Array) -> Array:
+        dx = np.empty_like(dy)
+        self._parallel(x, lambda s: np.multiply(dy[s], x[s] > 0, out=dx[s]))
+        return dx
+
+    def channel_sum(self, x: Array) -> Array:
+        return sum(self._parallel(x, lambda s: Backend.channel_sum(self, x[s])))
+
+    def channel_sq_dev(self, x: Array, mean: Array) -> Array:
+        return sum(self._parallel(x, lambda s: Backend.channel_sq_dev(self, x[s], mean)))
+
+    def batchnorm_apply(self, x: Array, mean: Array, scale: Array, shift: Array) -> Array:
+        y = np.empty_like(x)
+
+        def part(s: slice) -> None:
+            y[s] = Backend.batchnorm_apply(self, x[s], mean, scale, shift)
+        self._parallel(x, part)
+        return y
+
+    def batchnorm_backward(self, dy: Array, x: Array, mean: Array, invstd: Array,
+                           gamma: Array, across: Any = None) -> tuple[Array, Array, Array]:
+        """As :meth:`Backend.batchnorm_backward` in two parallel passes: the per-channel
+        sums, then ``dx`` from per-channel coefficients."""
+        sums = self._parallel(x, lambda s: (Backend.channel_sum(self, dy[s]), self.channel_dot(
+            dy[s], x[s] - self._per_channel(mean, x.ndim))))
+        dbeta = sum(a for a, _ in sums)
+        dgamma = sum(b for _, b in sums) * invstd
+        sum_dy, sum_dy_xhat, m = dbeta, dgamma, x.size // x.shape[1]
+        if across is not None:
+            sum_dy, sum_dy_xhat = dbeta.copy(), dgamma.copy()
+            m = across([sum_dy, sum_dy_xhat], m)
+        # dx = k dy + coef (x - mean) + shift, as in the generic code
+        k = gamma * invstd
+        coef, shift = -k * invstd * sum_dy_xhat / m, -k * sum_dy / m
+        dx = np.empty_like(dy)
+
+        def part(s: slice) -> None:
+            d = Backend.batchnorm_apply(self, x[s], mean, coef, shift)
+            np.multiply(dy[s], self._per_channel(k, x.ndim), out=dx[s])
+            dx[s] += d
+        self._parallel(x, part)
+        return dx, dgamma, dbeta
 
     def _scratch(self, name: str, shape: Sequence[int], dtype: Any) -> Array:
         """A buffer of this thread's, reused from call to call: a fresh multi-megabyte array
@@ -669,6 +764,17 @@ class EmulatedBackend(KernelOps, Backend):
         self._modules[file].launch(kernels.name_expression(kernel, dtype), grid, block,
                                    tuple(args), shared_mem=shared_mem, order=self.order,
                                    seed=self.seed)
+
+
+def _cpu_threads() -> int:
+    """Threads for the CPU device's element-wise work: ``$GPUNET_NUM_THREADS``, else the CPUs
+    this process may run on."""
+    value = os.environ.get("GPUNET_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise DeviceError(f"GPUNET_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -- choosing a device --------------------------------------------------------------------

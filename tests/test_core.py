@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 import gpunet
 from gpunet import DeviceError, gradcheck, init, kernels
-from gpunet.backend import _cuda_available
+from gpunet.backend import Backend, CpuBackend, _cuda_available
 from gpunet.layers import Dense, Layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +162,60 @@ def test_installed_wheel_ships_the_kernels(tmp_path):
     assert int(out[2]) > 100
     assert int(out[3]) == 1797 - 360
     assert float(out[4]) == 12.0  # dbeta = sum(dy): the installed kernels ran on the emulator
+
+
+# -- the CPU device's threads ----------------------------------------------------------------
+def _threaded_cpu(threads: int = 3) -> CpuBackend:
+    cpu = CpuBackend(np, "cpu-threads")
+    cpu.threads, cpu.PARALLEL_MIN = threads, 1  # every array split, even tiny ones
+    return cpu
+
+
+def test_parallel_runs_the_parts_on_several_threads_in_order():
+    seen = []
+    parts = _threaded_cpu()._parallel(np.zeros((7, 2)), lambda s: seen.append(
+        threading.current_thread().name) or (s.start, s.stop))
+    assert parts == [(0, 2), (2, 4), (4, 7)]
+    assert len(set(seen)) > 1  # the calling thread and the pool's
+
+
+@pytest.mark.parametrize("shape", [(7, 4, 5, 3), (5, 6), (1, 3, 2, 2)])
+def test_threaded_cpu_ops_equal_the_generic_ones(shape):
+    """ReLU and the BatchNorm pieces split over threads give the one-thread results."""
+    cpu, generic = _threaded_cpu(), Backend(np, "generic")
+    r = np.random.default_rng(0)
+    x, dy = r.normal(size=shape), r.normal(size=shape)
+    mean, invstd, gamma, beta = r.normal(size=(4, shape[1]))
+    invstd = np.abs(invstd) + 0.5
+    for op, args in [("relu", (x,)), ("backprop_relu", (dy, x)), ("channel_sum", (x,)),
+                     ("channel_sq_dev", (x, mean)), ("batchnorm_apply", (x, mean, invstd, beta)),
+                     ("batchnorm_backward", (dy, x, mean, invstd, gamma))]:
+        got, want = getattr(cpu, op)(*args), getattr(generic, op)(*args)
+        for g, w in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, want))):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12, err_msg=op)
+
+
+def test_bad_thread_count_is_refused(monkeypatch):
+    monkeypatch.setenv("GPUNET_NUM_THREADS", "two")
+    with pytest.raises(DeviceError, match="GPUNET_NUM_THREADS must be a positive integer"):
+        CpuBackend(np, "cpu-bad")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_thread_pool():
+    """The parent's pool threads do not exist in a child: the child must not wait on them."""
+    cpu = _threaded_cpu(2)
+    x = np.arange(-6.0, 6.0).reshape(6, 2)
+    cpu.relu(x)  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if ReLU runs and is right
+        os._exit(0 if np.array_equal(cpu.relu(x), np.maximum(x, 0)) else 1)
+    for _ in range(200):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on its parent's thread pool")

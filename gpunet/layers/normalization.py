@@ -67,20 +67,17 @@ class BatchNorm(Layer):
         if x.shape[1] != self.features:
             raise ShapeError(f"{self.name}: expected {self.features} features on axis 1 of the "
                              f"input, got shape {tuple(x.shape)}")
-        axes = (0,) + tuple(range(2, x.ndim))
-        shape = (1, -1) + (1,) * (x.ndim - 2)
         count = x.size // self.features
         if training:
             if count < 2:
                 raise ShapeError(f"{self.name}: expected more than 1 value per feature in "
                                  f"training, got input of shape {tuple(x.shape)}")
             across = self._across()
-            mean = self.ops.sum(x, axis=axes)
+            mean = self.ops.channel_sum(x)
             if across is not None:  # two reductions over all processes: the mean, then var
                 count = across([mean], count)
             mean /= count
-            centred = x - mean.reshape(shape)
-            var = self.ops.channel_dot(centred, centred)
+            var = self.ops.channel_sq_dev(x, mean)
             if across is not None:
                 across([var], 0)
             var /= count
@@ -92,13 +89,9 @@ class BatchNorm(Layer):
             running_var += (m * count / (count - 1)) * var
         else:
             mean, var = self._buffers["running_mean"], self._buffers["running_var"]
-            centred = x - mean.reshape(shape)
         invstd = 1 / self.ops.sqrt(var + self.eps)
         self.save_for_backward(x, mean, invstd, training)
-        # y = gamma xhat + beta, written over the centred input: one full-size array
-        centred *= (self.gamma.data * invstd).reshape(shape)
-        centred += self.beta.data.reshape(shape)
-        return centred
+        return self.ops.batchnorm_apply(x, mean, self.gamma.data * invstd, self.beta.data)
 
     def backward(self, dy: Any) -> Any:
         x, mean, invstd, training = self.saved()
