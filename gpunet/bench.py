@@ -13,9 +13,9 @@ workloads at other shapes: the LSTM over sequence length and over batch size, th
 gpunet/PyTorch ratios and the sweep; it needs matplotlib (``pip install "gpunet[bench]"``).
 
 ``--threads N`` limits both frameworks to N threads: PyTorch through ``torch.set_num_threads``,
-gpunet's BLAS (OpenBLAS, OpenMP or MKL under NumPy) by re-running the command with
-OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS set to N, since those libraries read
-them only at start-up. Without it each library uses its own default. On the CPU the command
+gpunet's BLAS (OpenBLAS, OpenMP or MKL under NumPy) and its CPU device's element-wise threads
+by re-running the command with OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and
+GPUNET_NUM_THREADS set to N, since they are read only at start-up. Without it each library uses its own default. On the CPU the command
 also re-runs with OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 unless they are set:
 idle threads then sleep, so the framework not being timed does not spin on the cores of the
 one being timed (an artefact of two thread pools in one process, which a user running one
@@ -350,8 +350,9 @@ def environment() -> dict[str, Any]:
            "cpu": _cpu_name(), "python": platform.python_version(), "numpy": np.__version__,
            "gpunet": gpunet.__version__, "torch": getattr(torch, "__version__", None),
            "command": " ".join(sys.argv),
-           # what --threads set for gpunet's BLAS (None: the library's default)
+           # what --threads set for gpunet's BLAS and CPU device (None: their default)
            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+           "gpunet_threads": os.environ.get("GPUNET_NUM_THREADS"),
            "idle_threads": {k: os.environ.get(k) for k in _IDLE_VARS}}
     if torch is not None:
         env["torch_threads"] = torch.get_num_threads()
@@ -479,7 +480,8 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[st
     fig.savefig(path, dpi=110)
 
 
-_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# gpunet's own element-wise threads too (gpunet.backend.CpuBackend)
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GPUNET_NUM_THREADS")
 #: Set unless the caller set them: idle threads of either library sleep instead of spinning.
 #: OpenBLAS's workers spin ~2^28 cycles after each call and OpenMP's a while after each
 #: region, so in one process on few cores the framework not being timed held the cores of the
@@ -492,12 +494,12 @@ def reexec_environment(threads: int | None, environ: Mapping[str, str],
     """The argv and environment for ``os.execve(sys.executable, ...)`` that run ``command``
     (this process's ``sys.orig_argv``: ``python -m gpunet bench ...``, ``python
     scripts/bench.py ...`` or the ``gpunet`` script run by its interpreter) again with the
-    variables that OpenBLAS, OpenMP and MKL read only at start-up: their thread counts
-    limited to ``threads`` (when given) and :data:`_IDLE_VARS` where ``environ`` lacks them.
+    variables that OpenBLAS, OpenMP, MKL and gpunet's CPU device read only at start-up: their
+    thread counts limited to ``threads`` (when given) and :data:`_IDLE_VARS` where ``environ`` lacks them.
     None when ``environ`` already has them all, as in the re-run, which thus goes on."""
     want = {k: v for k, v in _IDLE_VARS.items() if k not in environ}
     if threads is not None:
-        want.update(dict.fromkeys(_BLAS_THREAD_VARS, str(threads)))
+        want.update(dict.fromkeys(_THREAD_VARS, str(threads)))
     if all(environ.get(k) == v for k, v in want.items()):
         return None
     return [sys.executable, *command[1:]], {**environ, **want}
@@ -542,9 +544,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed steps per workload after 5 warm-up steps (default 30)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="limit both frameworks to N threads: PyTorch via torch.set_num_threads, "
-                        "gpunet's BLAS by re-running the command with OPENBLAS_NUM_THREADS, "
-                        "OMP_NUM_THREADS and MKL_NUM_THREADS set to N (default: each library's "
-                        "own default)")
+                        "gpunet's BLAS and element-wise threads by re-running the command with "
+                        "OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and "
+                        "GPUNET_NUM_THREADS set to N (default: each library's own default)")
     p.add_argument("--json", metavar="FILE",
                    help="write the results, the sweep (if run) and the environment as JSON")
     p.add_argument("--sweep", action="store_true",

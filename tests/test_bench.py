@@ -96,8 +96,8 @@ def test_reexec_sets_the_blas_and_idle_variables():
     argv, env = bench.reexec_environment(2, {"PATH": "/bin", "OMP_NUM_THREADS": "8"}, command)
     assert argv == [sys.executable, "-m", "gpunet", "bench", "--threads", "2"]
     assert env == {"PATH": "/bin", "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2",
-                   "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE",
-                   "OPENBLAS_THREAD_TIMEOUT": "4"}
+                   "MKL_NUM_THREADS": "2", "GPUNET_NUM_THREADS": "2",
+                   "OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
     # the re-run finds them set and goes on instead of re-running itself
     assert bench.reexec_environment(2, env, command) is None
     # without --threads only the idle policy is set, and a caller's own choice is kept
@@ -119,7 +119,7 @@ def test_threads_option_re_executes_the_command_line(monkeypatch):
 
     monkeypatch.setattr(bench.os, "execve", execve)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"):
+                "GPUNET_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
     # as `gpunet bench mlp --threads 1`: the console script is sys.argv[0]
     monkeypatch.setattr(sys, "argv", ["/venv/bin/gpunet", "bench", "mlp", "--threads", "1"])
@@ -129,7 +129,8 @@ def test_threads_option_re_executes_the_command_line(monkeypatch):
     ((path, argv, env),) = calls
     assert path == sys.executable
     assert argv == [sys.executable, "/venv/bin/gpunet", "bench", "mlp", "--threads", "1"]
-    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert (env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"]
+            == env["GPUNET_NUM_THREADS"] == "1")
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OPENBLAS_THREAD_TIMEOUT"] == "4"
 
 
