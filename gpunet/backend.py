@@ -206,11 +206,8 @@ class Backend:
         ``across(sums, count)`` (synchronised batch statistics) turns this process's sums and
         count into those of all processes, in place, and returns the total count; dgamma and
         dbeta stay this process's own."""
-        axes = (0,) + tuple(range(2, x.ndim))
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        centred = x - mean.reshape(shape)
-        dbeta = dy.sum(axis=axes)
-        dgamma = self.channel_dot(dy, centred) * invstd
+        dbeta, sum_dy_centred = self._batchnorm_sums(dy, x, mean)
+        dgamma = sum_dy_centred * invstd
         sum_dy, sum_dy_xhat, m = dbeta, dgamma, x.size // x.shape[1]
         if across is not None:
             sum_dy, sum_dy_xhat = dbeta.copy(), dgamma.copy()
@@ -218,11 +215,19 @@ class Backend:
         # dx = k dy + (-k invstd sum(dy xhat)/M) (x - mean) - k sum(dy)/M, k = gamma invstd:
         # per-channel coefficients, so two full-size arrays instead of a chain of temporaries
         k = gamma * invstd
-        centred *= (-k * invstd * sum_dy_xhat / m).reshape(shape)
-        centred -= (k * sum_dy / m).reshape(shape)
-        dx = dy * k.reshape(shape)
-        dx += centred
-        return dx, dgamma, dbeta
+        return (self._batchnorm_dx(dy, x, mean, k, -k * invstd * sum_dy_xhat / m, -k * sum_dy / m),
+                dgamma, dbeta)
+
+    def _batchnorm_sums(self, dy: Array, x: Array, mean: Array) -> tuple[Array, Array]:
+        """``(sum(dy), sum(dy (x - mean)))`` per channel."""
+        return self.channel_sum(dy), self.channel_dot(dy, x - self._per_channel(mean, x.ndim))
+
+    def _batchnorm_dx(self, dy: Array, x: Array, mean: Array, k: Array, coef: Array,
+                      shift: Array) -> Array:
+        """``k dy + coef (x - mean) + shift`` per channel."""
+        dx = self.batchnorm_apply(x, mean, coef, shift)
+        dx += dy * self._per_channel(k, x.ndim)
+        return dx
 
     # -- convolution and pooling over (N, C, H, W) ----------------------------------------
     # ``kernel``, ``stride`` and ``padding`` are (height, width) pairs; an output is
@@ -505,20 +510,27 @@ class CpuBackend(Backend):
         """``fn`` over parts of ``x``'s leading axis, one per thread, and its results in
         order. NumPy's BLAS is threaded but its element-wise loops are not; they release the
         GIL, so the calling thread takes the first part and a pool the others. Small arrays
-        (under :attr:`PARALLEL_MIN` elements), and calls from the pool's own threads, run in
-        one part."""
+        (under :attr:`PARALLEL_MIN` elements), and calls made from within a part (an op
+        built on other ops), run in one part."""
         n = x.shape[0]
-        nested = threading.current_thread().name.startswith("gpunet-cpu")  # never wait on
-        parts = 1 if nested or x.size < self.PARALLEL_MIN else min(self.threads, n)  # the pool
+        nested = getattr(self._local, "in_part", False)
+        parts = 1 if nested or x.size < self.PARALLEL_MIN else min(self.threads, n)
         bounds = [n * k // parts for k in range(parts + 1)]
         slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         if parts == 1:
             return [fn(slices[0])]
+
+        def run(s: slice) -> Any:
+            self._local.in_part = True
+            try:
+                return fn(s)
+            finally:
+                self._local.in_part = False
         if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no pool
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpunet-cpu")
             self._pool_pid = os.getpid()
-        futures = [self._pool.submit(fn, s) for s in slices[1:]]
-        return [fn(slices[0])] + [f.result() for f in futures]
+        futures = [self._pool.submit(run, s) for s in slices[1:]]
+        return [run(slices[0])] + [f.result() for f in futures]
 
     def relu(self, x: Array) -> Array:
         y = np.empty_like(x)
@@ -544,29 +556,18 @@ class CpuBackend(Backend):
         self._parallel(x, part)
         return y
 
-    def batchnorm_backward(self, dy: Array, x: Array, mean: Array, invstd: Array,
-                           gamma: Array, across: Any = None) -> tuple[Array, Array, Array]:
-        """As :meth:`Backend.batchnorm_backward` in two parallel passes: the per-channel
-        sums, then ``dx`` from per-channel coefficients."""
-        sums = self._parallel(x, lambda s: (Backend.channel_sum(self, dy[s]), self.channel_dot(
-            dy[s], x[s] - self._per_channel(mean, x.ndim))))
-        dbeta = sum(a for a, _ in sums)
-        dgamma = sum(b for _, b in sums) * invstd
-        sum_dy, sum_dy_xhat, m = dbeta, dgamma, x.size // x.shape[1]
-        if across is not None:
-            sum_dy, sum_dy_xhat = dbeta.copy(), dgamma.copy()
-            m = across([sum_dy, sum_dy_xhat], m)
-        # dx = k dy + coef (x - mean) + shift, as in the generic code
-        k = gamma * invstd
-        coef, shift = -k * invstd * sum_dy_xhat / m, -k * sum_dy / m
+    def _batchnorm_sums(self, dy: Array, x: Array, mean: Array) -> tuple[Array, Array]:
+        parts = self._parallel(x, lambda s: Backend._batchnorm_sums(self, dy[s], x[s], mean))
+        return sum(a for a, _ in parts), sum(b for _, b in parts)
+
+    def _batchnorm_dx(self, dy: Array, x: Array, mean: Array, k: Array, coef: Array,
+                      shift: Array) -> Array:
         dx = np.empty_like(dy)
 
         def part(s: slice) -> None:
-            d = Backend.batchnorm_apply(self, x[s], mean, coef, shift)
-            np.multiply(dy[s], self._per_channel(k, x.ndim), out=dx[s])
-            dx[s] += d
+            dx[s] = Backend._batchnorm_dx(self, dy[s], x[s], mean, k, coef, shift)
         self._parallel(x, part)
-        return dx, dgamma, dbeta
+        return dx
 
     def _scratch(self, name: str, shape: Sequence[int], dtype: Any) -> Array:
         """A buffer of this thread's, reused from call to call: a fresh multi-megabyte array
