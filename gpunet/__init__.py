@@ -4,8 +4,8 @@ on NumPy (CPU) and CuPy (NVIDIA GPU).
 Importing gpunet imports NumPy only; CuPy is imported the first time a CUDA device is asked for.
 """
 from . import data, init, models, optim
-from .backend import asarray, available_devices, to_numpy
-from .backend import get_device as device
+from .backends import asarray, available_devices, to_numpy
+from .backends import get_device as device
 from .errors import (CheckpointError, DeviceError, DTypeError, KernelCompileError, ShapeError,
                      StateError, TrainingDiverged)
 from .gradcheck import gradcheck

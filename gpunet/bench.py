@@ -480,7 +480,7 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[st
     fig.savefig(path, dpi=110)
 
 
-# gpunet's own element-wise threads too (gpunet.backend.CpuBackend)
+# gpunet's own element-wise threads too (gpunet.backends.CpuBackend)
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GPUNET_NUM_THREADS")
 #: Set unless the caller set them: idle threads of either library sleep instead of spinning.
 #: OpenBLAS's workers spin ~2^28 cycles after each call and OpenMP's a while after each

@@ -64,7 +64,7 @@ def _split(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
 
 def train(args: argparse.Namespace) -> int:
     from . import data, distributed, models, optim, rng
-    from .backend import get_device
+    from .backends import get_device
     from .errors import TrainingDiverged
     from .layers import BatchNorm
     from .serialize import save
@@ -142,7 +142,7 @@ def train(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     from . import __version__, models
-    from .backend import get_device
+    from .backends import get_device
     from .errors import DeviceError, KernelCompileError
     from .kernels import KERNELS, expanded_source, kernel_files, name_expressions
     from .nvrtc import compile_ptx
@@ -189,7 +189,7 @@ def _parity_parser(sub: Any) -> None:
 
 def parity(args: argparse.Namespace) -> int:
     from . import parity as suite
-    from .backend import available_devices, get_device
+    from .backends import available_devices, get_device
 
     devices = ([get_device(d) for d in args.devices.split(",")] if args.devices
                else available_devices())

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backend import Backend, to_numpy
+from .backends import Backend, to_numpy
 
 #: Variables MPI launchers set in every process they start.
 _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")

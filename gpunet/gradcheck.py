@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import rng
-from .backend import to_numpy
+from .backends import to_numpy
 from .layers.base import Layer
 
 
@@ -50,48 +50,52 @@ def gradcheck(layer: Layer, inputs: Any, dy: Any = None, *, eps: float = 1e-6,
     that draw (dropout) see the same draws each time. At most ``max_entries`` entries of each
     array are perturbed (a seeded random subset; ``None``: all).
     """
-    layer = copy.deepcopy(layer).to(dtype=np.float64)
-    ops = layer.ops
-    multi = isinstance(inputs, (list, tuple))
-    xs = [ops.asarray(to_numpy(x), dtype=np.float64) for x in (inputs if multi else [inputs])]
-    saved_state = rng.get_state()
-    draws = np.random.default_rng(seed)
+    # the copy (deepcopy copies arrays onto the current device), the perturbed entries and the
+    # products all stay on the layer's device
+    with layer.device.scope():
+        layer = copy.deepcopy(layer).to(dtype=np.float64)
+        ops = layer.ops
+        multi = isinstance(inputs, (list, tuple))
+        xs = [ops.asarray(to_numpy(x), dtype=np.float64)
+              for x in (inputs if multi else [inputs])]
+        saved_state = rng.get_state()
+        draws = np.random.default_rng(seed)
 
-    def run() -> Any:
-        rng.seed(seed)
-        return layer.forward(xs if multi else xs[0], training)
+        def run() -> Any:
+            rng.seed(seed)
+            return layer.forward(xs if multi else xs[0], training)
 
-    try:
-        y = run()
-        ys = y if isinstance(y, (list, tuple)) else [y]
-        if dy is None:
-            dys = [ops.asarray(draws.standard_normal(tuple(o.shape))) for o in ys]
-        else:
-            dys = [ops.asarray(to_numpy(d), dtype=np.float64)
-                   for d in (dy if isinstance(dy, (list, tuple)) else [dy])]
+        try:
+            y = run()
+            ys = y if isinstance(y, (list, tuple)) else [y]
+            if dy is None:
+                dys = [ops.asarray(draws.standard_normal(tuple(o.shape))) for o in ys]
+            else:
+                dys = [ops.asarray(to_numpy(d), dtype=np.float64)
+                       for d in (dy if isinstance(dy, (list, tuple)) else [dy])]
 
-        def objective() -> float:
-            out = run()
-            outs = out if isinstance(out, (list, tuple)) else [out]
-            return float(sum(float((o * d).sum()) for o, d in zip(outs, dys)))
+            def objective() -> float:
+                out = run()
+                outs = out if isinstance(out, (list, tuple)) else [out]
+                return float(sum(float((o * d).sum()) for o, d in zip(outs, dys)))
 
-        layer.zero_grad()
-        dx = layer.backward(dys if isinstance(y, (list, tuple)) else dys[0])
-        analytic = {(f"input {i}" if multi else "input"): to_numpy(d)
-                    for i, d in enumerate(dx if multi else [dx])}
-        analytic.update({name: to_numpy(p.grad) for name, p in layer.params().items()})
-        targets = {(f"input {i}" if multi else "input"): x for i, x in enumerate(xs)}
-        targets.update({name: p.data for name, p in layer.params().items()})
+            layer.zero_grad()
+            dx = layer.backward(dys if isinstance(y, (list, tuple)) else dys[0])
+            analytic = {(f"input {i}" if multi else "input"): to_numpy(d)
+                        for i, d in enumerate(dx if multi else [dx])}
+            analytic.update({name: to_numpy(p.grad) for name, p in layer.params().items()})
+            targets = {(f"input {i}" if multi else "input"): x for i, x in enumerate(xs)}
+            targets.update({name: p.data for name, p in layer.params().items()})
 
-        report = GradcheckReport(rtol=rtol, atol=atol)
-        for name, array in targets.items():
-            report.errors[name] = _worst_error(array, analytic[name], objective, eps, atol / rtol,
-                                               max_entries, draws)
-    finally:
-        rng.set_state(saved_state)
-    if raise_on_failure and not report.ok:
-        raise AssertionError(str(report))
-    return report
+            report = GradcheckReport(rtol=rtol, atol=atol)
+            for name, array in targets.items():
+                report.errors[name] = _worst_error(array, analytic[name], objective, eps,
+                                                   atol / rtol, max_entries, draws)
+        finally:
+            rng.set_state(saved_state)
+        if raise_on_failure and not report.ok:
+            raise AssertionError(str(report))
+        return report
 
 
 def _worst_error(array: Any, analytic: np.ndarray, objective: Any, eps: float, floor: float,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import FLOAT_DTYPES, Array, Backend, device_of, is_device_array
+from .backends import FLOAT_DTYPES, Array, Backend, device_of, is_device_array
 from .errors import DeviceError, DTypeError, ShapeError, StateError
 
 
@@ -55,10 +55,11 @@ class Loss:
     def forward(self, pred: Array, target: Any) -> float:
         """The loss of ``pred`` against ``target``, summed over positions or averaged."""
         ops = self._check_pred(pred)
-        target = self._check_target(ops, pred, target)
-        self._saved = (pred, target)
-        total = ops.sum(self._terms(ops, pred, target))
-        return float(total / self.positions(pred) if self.reduction == "mean" else total)
+        with ops.scope():  # a loss has no device of its own: it works on the prediction's
+            target = self._check_target(ops, pred, target)
+            self._saved = (pred, target)
+            total = ops.sum(self._terms(ops, pred, target))
+            return float(total / self.positions(pred) if self.reduction == "mean" else total)
 
     __call__ = forward
 
@@ -68,9 +69,11 @@ class Loss:
             raise StateError(f"{self.name}: backward called before forward "
                              "(or twice for one forward)")
         pred, target = self._saved
-        dpred = self._dterms(device_of(pred), pred, target)
-        self._saved = None  # the batch need not outlive its step
-        return dpred / self.positions(pred) if self.reduction == "mean" else dpred
+        ops = device_of(pred)
+        with ops.scope():
+            dpred = self._dterms(ops, pred, target)
+            self._saved = None  # the batch need not outlive its step
+            return dpred / self.positions(pred) if self.reduction == "mean" else dpred
 
     def positions(self, pred: Array) -> int:
         """How many terms the loss adds up: every element of ``pred``, unless overridden."""

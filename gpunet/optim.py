@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from .backend import Array, device_of, to_numpy
+from .backends import Array, Backend, device_of, to_numpy
+from .backends.base import on_device
 from .layers.base import Parameter
 
 
@@ -65,6 +66,12 @@ class Optimizer:
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def device(self) -> Backend:
+        """The parameters' device (that of the first; a model lives on one device)."""
+        return device_of(next(iter(self.params.values())).data)
+
+    @on_device
     def add_slots(self, *names: str) -> None:
         """Give every parameter zero-filled state arrays called ``names``."""
         for pname, p in self.params.items():
@@ -74,12 +81,14 @@ class Optimizer:
     def update(self, w: Array, g: Array, slots: dict[str, Array]) -> None:
         raise NotImplementedError
 
+    @on_device
     def step(self) -> None:
         """Update every parameter once from its gradient."""
         self.step_count += 1
         for pname, p in self.params.items():
             self.update(p.data, p.grad, self._slots_of(pname, p))
 
+    @on_device
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad[...] = 0
@@ -100,6 +109,7 @@ class Optimizer:
                 "slots": {f"{pname}.{slot}": to_numpy(a).copy()  # the live slot keeps changing
                           for pname, slots in self.slots.items() for slot, a in slots.items()}}
 
+    @on_device
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; raises ValueError, changing nothing, unless its names
         and shapes fit these parameters."""
@@ -327,11 +337,15 @@ def clip_grad_norm(params: dict[str, Parameter] | Iterable[Parameter],
     ``max_norm`` (by ``max_norm / (norm + 1e-6)``, as torch); returns the norm before."""
     _positive("clip_grad_norm", "max_norm", max_norm)
     grads = _grads(params)
-    norm = math.sqrt(sum(float(device_of(g).sum(g * g)) for g in grads))
-    if norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g in grads:
-            g *= scale
+    if not grads:
+        return 0.0
+    ops = device_of(grads[0])
+    with ops.scope():
+        norm = math.sqrt(sum(float(ops.sum(g * g)) for g in grads))
+        if norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for g in grads:
+                g *= scale
     return norm
 
 
@@ -340,4 +354,6 @@ def clip_grad_value(params: dict[str, Parameter] | Iterable[Parameter],
     """Clip every gradient element, in place, to ``[-clip_value, clip_value]``."""
     _positive("clip_grad_value", "clip_value", clip_value)
     for g in _grads(params):
-        g[...] = device_of(g).clip(g, -clip_value, clip_value)
+        ops = device_of(g)
+        with ops.scope():
+            g[...] = ops.clip(g, -clip_value, clip_value)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import rng
-from .backend import Backend, asarray, available_devices, to_numpy
+from .backends import Backend, asarray, available_devices, to_numpy
 from .layers import (ELU, SELU, BatchNorm, Concat, Dense, Dropout, Flatten, Graph, LeakyReLU,
                      NonlinearityGenerator, ReLU, Sequential, Sigmoid, SigmoidGenerator,
                      Softmax, Softplus, Sum, Tanh)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, get_device, to_numpy
+from .backends import Backend, get_device, to_numpy
 from .errors import CheckpointError
 from .layers.base import Layer, from_config
 
@@ -99,10 +99,11 @@ def _check_model_arrays(model: Layer, arrays: dict[str, np.ndarray], path: Any) 
 
 def _put_model_arrays(model: Layer, arrays: dict[str, np.ndarray]) -> None:
     """Copy checked arrays into the model in place (references to parameters stay valid)."""
-    for k, p in model.params().items():
-        p.data[...] = model.ops.asarray(arrays[f"param/{k}"], dtype=p.data.dtype)
-    for k, v in model.state().items():
-        v[...] = model.ops.asarray(arrays[f"state/{k}"], dtype=v.dtype)
+    with model.device.scope():
+        for k, p in model.params().items():
+            p.data[...] = model.ops.asarray(arrays[f"param/{k}"], dtype=p.data.dtype)
+        for k, v in model.state().items():
+            v[...] = model.ops.asarray(arrays[f"state/{k}"], dtype=v.dtype)
 
 
 def _json(value: Any) -> Any:

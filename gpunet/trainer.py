@@ -9,7 +9,8 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from . import rng
-from .backend import Backend, get_device, to_numpy
+from .backends import Backend, get_device, to_numpy
+from .backends.base import on_device
 from .data import DataLoader, Dataset
 from .distributed import Communicator
 from .errors import TrainingDiverged
@@ -69,12 +70,12 @@ class Trainer:
     def _batch(self, xb: np.ndarray, yb: np.ndarray) -> tuple[Any, Any]:
         return self.device.asarray(xb, dtype=self.model.dtype), self.device.asarray(yb)
 
+    @on_device
     def fit(self, train: Dataset, epochs: int, batch_size: int = 32, val: Dataset | None = None,
             checkpoint: str | os.PathLike | None = None, resume: bool = False,
             seed: int | None = None) -> list[dict[str, Any]]:
         """Train until ``epochs`` epochs are done in all (counting resumed ones); returns the
         history, one dict per epoch."""
-        self.device.activate()
         loader = DataLoader(train, batch_size, shuffle=True, seed=seed, rank=self.comm.rank,
                             world=self.comm.size)
         start = 0
@@ -173,6 +174,7 @@ class Trainer:
             save_checkpoint(path, self.model, self.optimizer, meta)
         self.comm.barrier()  # no rank reads the checkpoint before it is whole
 
+    @on_device
     def evaluate(self, data: Dataset, batch_size: int = 256) -> dict[str, float | None]:
         """Mean loss and metric over ``data`` in eval mode (no dropout, no updates); with
         several ranks each evaluates its share and the sums are reduced."""
@@ -192,6 +194,7 @@ class Trainer:
         return {"loss": total_loss / len(data),
                 "accuracy": total_metric / metric_seen if metric_seen else None}
 
+    @on_device
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Model outputs for ``x`` in eval mode, as a NumPy array."""
         outs = [to_numpy(self.model.forward(self.device.asarray(x[i:i + batch_size],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import gpunet
-from gpunet import backend
+from gpunet import backends
 
 # CUDA entries are always listed, and skipped with a reason where no GPU is visible, so the
 # report shows what did not run.
@@ -13,7 +13,7 @@ DEVICE_SPECS = ["cpu", "emulated", "cuda"]
 
 @pytest.fixture(params=DEVICE_SPECS)
 def device(request):
-    if request.param == "cuda" and not backend._cuda_available():
+    if request.param == "cuda" and not backends._cuda_available():
         pytest.skip("no CUDA device visible (CuPy missing or no GPU)")
     return gpunet.device(request.param)
 

@@ -144,7 +144,7 @@ def test_removing_a_barrier_makes_the_kernels_fail(tmp_path, monkeypatch, barrie
     """A scratch copy of batchnorm.cu without one __syncthreads() gives wrong gradients on
     the emulator in at least one thread order: the orders catch a missing barrier."""
     from gpunet import kernels
-    from gpunet.backend import EmulatedBackend
+    from gpunet.backends import EmulatedBackend
     source = kernels.read_kernel("batchnorm.cu")
     assert source.count(barrier) == 1
     (tmp_path / "batchnorm.cu").write_text(source.replace(barrier, "// (barrier removed)"))

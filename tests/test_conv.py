@@ -9,7 +9,7 @@ import pytest
 
 import gpunet
 from gpunet import DTypeError, ShapeError, StateError, gradcheck
-from gpunet.backend import Backend, CpuBackend
+from gpunet.backends import Backend, CpuBackend
 from gpunet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from helpers import assert_refused, train_command
 

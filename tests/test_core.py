@@ -14,7 +14,7 @@ import pytest
 
 import gpunet
 from gpunet import DeviceError, gradcheck, init, kernels
-from gpunet.backend import Backend, CpuBackend, _cuda_available
+from gpunet.backends import Backend, CpuBackend, _cuda_available
 from gpunet.layers import Dense, Layer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -211,7 +211,7 @@ def test_non_array_input_is_reported():
 
 
 def test_array_from_another_device_is_reported():
-    if not gpunet.backend._cuda_available():
+    if not gpunet.backends._cuda_available():
         pytest.skip("a GPU is needed to hand a CPU layer an array from another device")
     import cupy
     with pytest.raises(DeviceError, match="ReLU: expected input on device cpu, got an array on cuda:0"):

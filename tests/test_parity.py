@@ -6,7 +6,7 @@ import pytest
 
 import gpunet
 from gpunet import parity
-from gpunet.backend import Backend, _cuda_available
+from gpunet.backends import Backend, _cuda_available
 from gpunet.cli import main
 from gpunet.layers import LAYERS
 

@@ -7,12 +7,14 @@ moves them.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..backend import FLOAT_DTYPES, Array, Backend, get_device, is_device_array, to_numpy
+from ..backends import FLOAT_DTYPES, Array, Backend, get_device, is_device_array, to_numpy
+from ..backends.base import on_device
 from ..errors import DTypeError, DeviceError, ShapeError, StateError
 
 #: Every concrete layer class by name; save/load and the parity suite look layers up here.
@@ -71,8 +73,11 @@ class Layer:
         super().__init_subclass__(**kwargs)
         if not cls.__name__.startswith("_"):
             LAYERS[cls.__name__] = cls
+        # forward and backward run with the layer's device current (on_device), whoever calls
+        if "forward" in cls.__dict__:
+            cls.forward = on_device(cls.__dict__["forward"])
         if "backward" in cls.__dict__:
-            cls.backward = _releasing(cls.__dict__["backward"])
+            cls.backward = _releasing(on_device(cls.__dict__["backward"]))
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Layer":
         obj = super().__new__(cls)
@@ -84,6 +89,9 @@ class Layer:
         bound.apply_defaults()
         obj._args = {k: v for k, v in list(bound.arguments.items())[1:]}
         return obj
+
+    #: Attributes a copy leaves as None instead of copying.
+    _uncopied: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.ops: Backend = get_device("cpu")
@@ -107,6 +115,15 @@ class Layer:
         then returns None, as PyTorch does for an input that does not require grad."""
         self.input_grad = bool(needed)
         return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Layer":
+        """A copy on this layer's device (CuPy would copy each array onto the current one)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        with self.device.scope():
+            for k, v in self.__dict__.items():
+                setattr(clone, k, None if k in self._uncopied else copy.deepcopy(v, memo))
+        return clone
 
     def __call__(self, x: Any, training: bool = True) -> Any:
         return self.forward(x, training)
@@ -139,6 +156,7 @@ class Layer:
         for child in self.children().values():
             yield from child.walk()
 
+    @on_device
     def zero_grad(self) -> None:
         for p in self.params().values():
             p.grad[...] = 0
@@ -151,9 +169,10 @@ class Layer:
             raise DTypeError(f"{self.name}.to: expected dtype float32 or float64, got {dtype}")
         move = (lambda a: a.astype(dtype)) if ops == self.ops else \
             (lambda a: ops.asarray(to_numpy(a), dtype=dtype))
-        for p in self._params.values():
-            p.data, p.grad = move(p.data), move(p.grad)
-        self._buffers = {k: move(v) for k, v in self._buffers.items()}
+        with ops.scope():  # the copies land on the target device
+            for p in self._params.values():
+                p.data, p.grad = move(p.data), move(p.grad)
+            self._buffers = {k: move(v) for k, v in self._buffers.items()}
         self.ops, self.dtype, self._saved = ops, dtype, None
         for child in self.children().values():
             child.to(ops, dtype)

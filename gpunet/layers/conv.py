@@ -49,7 +49,7 @@ class Conv2D(Layer):
     ``set_input_grad(False)``), ``dbias = sum(dy)`` over ``n, p, q``; on CUDA and the
     emulated device im2col, col2im and the bias sum are kernels (``kernels/conv.cu``); the
     CPU runs the same algebra over cache-sized blocks of samples
-    (:class:`~gpunet.backend.CpuBackend`). ``init`` names the weight initialiser (fans as PyTorch
+    (:class:`~gpunet.backends.CpuBackend`). ``init`` names the weight initialiser (fans as PyTorch
     counts them, see :mod:`gpunet.init`); the bias starts at zero.
     """
 

@@ -1,7 +1,6 @@
 """Batch normalisation."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,9 @@ class BatchNorm(Layer):
     processes (the Trainer hands the layer its communicator as ``comm``), so N processes
     normalise exactly as one process with their joint batch would.
     """
+
+    # a copy (gradcheck's) computes alone: it must not take part in collectives
+    _uncopied = ("comm",)
 
     def __init__(self, features: int, eps: float = 1e-5, momentum: float = 0.1,
                  sync: bool = False) -> None:
@@ -54,13 +56,6 @@ class BatchNorm(Layer):
             return int(round(float(counts[0]) * self.comm.size))
         return across
 
-    def __deepcopy__(self, memo: dict) -> "BatchNorm":
-        # a copy (gradcheck's) computes alone: it must not take part in collectives
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        for k, v in self.__dict__.items():
-            setattr(clone, k, None if k == "comm" else copy.deepcopy(v, memo))
-        return clone
 
     def forward(self, x: Any, training: bool = True) -> Any:
         self.check_input(x, ndims=(2, 4))

@@ -1,28 +1,52 @@
-"""Devices and the backends behind them.
+"""The generic backend: every operation a layer needs, written once against an array module.
 
-A device *is* its backend: the object ``gpunet.device("cpu")`` returns owns the array module
-(``xp``: NumPy or CuPy) and every heavy operation a layer needs. The generic implementation of
-each operation is written once, against ``self.xp``, in :class:`Backend`; the CUDA backend
-subclasses it and overrides only what its own kernels accelerate. Layers never call NumPy or
-CuPy for computation; they call these methods, so the same layer code runs on every device.
+:class:`Backend` with ``xp = numpy`` is the reference every other device is tested against;
+the CPU, CUDA and emulated backends (``cpu.py``, ``cuda.py``, ``emulated.py`` beside this file)
+subclass it and override only what they do better. Layers never call NumPy or CuPy for
+computation; they call these methods, so the same layer code runs on every device.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+import functools
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Sequence, TypeVar
 
 import numpy as np
 
-from . import kernels, rng
-from .errors import DeviceError
-from .kernels import KernelOps
+from .. import rng
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+F = TypeVar("F", bound=Callable[..., Any])
+_HOST = nullcontext()  # the host has no current device: one reusable do-nothing context
+
+
+def is_device_array(a: Any) -> bool:
+    """True for a CuPy array; tells without importing CuPy."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """A NumPy copy (or view) of ``a``, wherever it lives."""
+    return a.get() if is_device_array(a) else np.asarray(a)
+
+
+def on_device(method: F) -> F:
+    """Run ``method`` with ``self.device`` current (:meth:`Backend.scope`).
+
+    This is how gpunet keeps a ``cuda:N`` device's work on GPU N. CuPy puts every new array
+    (allocations, ``astype``, ``copy``, every arithmetic result) and every loaded kernel module
+    on the calling thread's *current* device, whatever device the inputs live on. So each object
+    that holds a device's arrays (the backend itself, layers, optimizers, the Trainer) runs its
+    public methods under that device: correct by construction, not by a caller remembering to
+    activate it, and cheap (a no-op context on the host)."""
+    @functools.wraps(method)
+    def scoped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.device.scope():
+            return method(self, *args, **kwargs)
+    return scoped  # type: ignore[return-value]
 
 
 class Backend:
@@ -47,6 +71,21 @@ class Backend:
     def __deepcopy__(self, memo: dict[int, Any]) -> "Backend":
         return self  # a device is shared, never copied (copying a layer keeps its device)
 
+    @property
+    def device(self) -> "Backend":
+        """The device itself (so :func:`on_device` applies to backends as to layers)."""
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name shown in reports: :attr:`name`, plus what stands in for a GPU, if anything."""
+        return self.name
+
+    def scope(self) -> ContextManager[Any]:
+        """A context in which this device is the current one: new arrays and kernel modules
+        land on it. Nothing to do on the host."""
+        return _HOST
+
     # -- arrays and transfers -------------------------------------------------------------
     def owns(self, a: Any) -> bool:
         """Whether ``a`` is an array that lives on this device."""
@@ -65,8 +104,6 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the CPU)."""
 
-    def activate(self) -> None:
-        """Make this device current for the calling thread (a no-op on the CPU)."""
 
     # -- linear algebra and reductions ----------------------------------------------------
     def gemm(self, a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
@@ -471,411 +508,3 @@ class Backend:
         xp.multiply(dc, i, out=dz_g)
         dz_g *= 1 - g * g
         xp.multiply(dc, f, out=dc_prev)
-
-
-class CpuBackend(Backend):
-    """NumPy on the host: the generic operations, with convolutions blocked over samples.
-
-    The generic convolution builds one column matrix for the whole batch: ``C kh kw`` times
-    the input's size, 150 MB for a batch of 128 32x32 images of 32 channels, written once and
-    read by three GEMMs, each time from main memory (and, being fresh, page-faulted in on
-    every step). Here the batch is cut into blocks of samples whose column matrix fits in
-    :attr:`BLOCK_BYTES`, so it is made, used and dropped while it is in cache; backward makes
-    it again from the saved input instead of keeping it.
-
-    With stride 1 the columns are taken over the padded width ``Wp`` instead of ``Wo``: the
-    row of kernel offset ``(i, j)`` is then ONE contiguous run of the flattened padded image,
-    starting at ``i Wp + j``, so im2col copies runs of ``Ho Wp`` values instead of ``Ho`` runs
-    of ``Wo``. The GEMM computes ``Wp - Wo`` extra outputs per row, which are dropped. The
-    input gradient of a stride-1 convolution is itself a stride-1 correlation (of ``dy`` with
-    the kernel flipped and its channel axes swapped), so it takes the same path where that is
-    cheaper than a gather (not where it would pad a few output channels widely, as LeNet's
-    second convolution); the gather adds contiguous runs back (:meth:`_uncolumns`) with stride
-    1, and is col2im with other strides.
-    """
-
-    #: the size of one block's column matrix
-    BLOCK_BYTES = 4 << 20
-    #: element-wise work on arrays of at least this many elements is split over threads
-    PARALLEL_MIN = 1 << 18
-
-    def __init__(self, xp: Any = np, name: str = "cpu") -> None:
-        super().__init__(xp, name)
-        self._local = threading.local()
-        self.threads = _cpu_threads()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
-
-    def _parallel(self, x: Array, fn: Callable[[slice], Any]) -> list[Any]:
-        """``fn`` over parts of ``x``'s leading axis, one per thread, and its results in
-        order. NumPy's BLAS is threaded but its element-wise loops are not; they release the
-        GIL, so the calling thread takes the first part and a pool the others. Small arrays
-        (under :attr:`PARALLEL_MIN` elements), and calls made from within a part (an op
-        built on other ops), run in one part."""
-        n = x.shape[0]
-        nested = getattr(self._local, "in_part", False)
-        parts = 1 if nested or x.size < self.PARALLEL_MIN else min(self.threads, n)
-        bounds = [n * k // parts for k in range(parts + 1)]
-        slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-        if parts == 1:
-            return [fn(slices[0])]
-
-        def run(s: slice) -> Any:
-            self._local.in_part = True
-            try:
-                return fn(s)
-            finally:
-                self._local.in_part = False
-        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no pool
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpunet-cpu")
-            self._pool_pid = os.getpid()
-        futures = [self._pool.submit(run, s) for s in slices[1:]]
-        return [run(slices[0])] + [f.result() for f in futures]
-
-    def relu(self, x: Array) -> Array:
-        y = np.empty_like(x)
-        self._parallel(x, lambda s: np.maximum(x[s], 0, out=y[s]))
-        return y
-
-    def backprop_relu(self, dy: Array, x: Array) -> Array:
-        dx = np.empty_like(dy)
-        self._parallel(x, lambda s: np.multiply(dy[s], x[s] > 0, out=dx[s]))
-        return dx
-
-    def channel_sum(self, x: Array) -> Array:
-        return sum(self._parallel(x, lambda s: Backend.channel_sum(self, x[s])))
-
-    def channel_sq_dev(self, x: Array, mean: Array) -> Array:
-        return sum(self._parallel(x, lambda s: Backend.channel_sq_dev(self, x[s], mean)))
-
-    def batchnorm_apply(self, x: Array, mean: Array, scale: Array, shift: Array) -> Array:
-        y = np.empty_like(x)
-
-        def part(s: slice) -> None:
-            y[s] = Backend.batchnorm_apply(self, x[s], mean, scale, shift)
-        self._parallel(x, part)
-        return y
-
-    def _batchnorm_sums(self, dy: Array, x: Array, mean: Array) -> tuple[Array, Array]:
-        parts = self._parallel(x, lambda s: Backend._batchnorm_sums(self, dy[s], x[s], mean))
-        return sum(a for a, _ in parts), sum(b for _, b in parts)
-
-    def _batchnorm_dx(self, dy: Array, x: Array, mean: Array, k: Array, coef: Array,
-                      shift: Array) -> Array:
-        dx = np.empty_like(dy)
-
-        def part(s: slice) -> None:
-            dx[s] = Backend._batchnorm_dx(self, dy[s], x[s], mean, k, coef, shift)
-        self._parallel(x, part)
-        return dx
-
-    def _scratch(self, name: str, shape: Sequence[int], dtype: Any) -> Array:
-        """A buffer of this thread's, reused from call to call: a fresh multi-megabyte array
-        is page-faulted in on every touch (glibc hands such sizes back to the system), which
-        cost LeNet's first convolution three quarters of its time."""
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if name not in buffers or buffers[name].nbytes < nbytes:
-            buffers[name] = np.empty(nbytes, dtype=np.uint8)
-        return buffers[name][:nbytes].view(dtype).reshape(shape)
-
-    def _columns(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
-                 padding: Sequence[int]) -> tuple[Array, int]:
-        """``(cols, width)``: the column matrix ``(C kh kw, N Ho width)`` of a block of
-        samples, with ``width = Wp`` (the padded width, stride 1) or ``Wo`` (:meth:`im2col`),
-        in a scratch buffer."""
-        if tuple(stride) != (1, 1):
-            return self.im2col(x, kernel, stride, padding), (
-                x.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
-        n, c, h, w = x.shape
-        (kh, kw), (ph, pw) = kernel, padding
-        hp, wp = h + 2 * ph, w + 2 * pw
-        ho = hp - kh + 1
-        # one spare row: the run of the last offset ends kw - 1 values past the padded image
-        xpad = self._scratch("padded", (n, c, hp + 1, wp), x.dtype)
-        xpad.fill(0)
-        xpad[:, :, ph:ph + h, pw:pw + w] = x
-        st = xpad.strides
-        runs = np.lib.stride_tricks.as_strided(xpad, (c, kh, kw, n, ho * wp),
-                                               (st[1], st[2], st[3], st[0], st[3]))
-        cols = self._scratch("columns", runs.shape, x.dtype)
-        np.copyto(cols, runs)
-        return cols.reshape(c * kh * kw, n * ho * wp), wp
-
-    def _blocks(self, x_shape: Sequence[int], weight: Array, stride: Sequence[int],
-                padding: Sequence[int]) -> list[slice]:
-        """The samples in slices whose column matrix takes at most ``BLOCK_BYTES``."""
-        n, _, h, w = x_shape
-        ho = (h + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-        per_sample = weight[0].size * ho * (w + 2 * padding[1]) * weight.itemsize
-        step = max(1, self.BLOCK_BYTES // per_sample)
-        return [slice(s, min(s + step, n)) for s in range(0, n, step)]
-
-    def conv2d(self, x: Array, weight: Array, bias: Array | None, stride: Sequence[int],
-               padding: Sequence[int]) -> tuple[Array, Array]:
-        """As :meth:`Backend.conv2d`, one GEMM per block of samples; what backward needs is
-        ``x`` itself."""
-        (n, _, h, w), (o, _, kh, kw) = x.shape, weight.shape
-        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-        wo = (w + 2 * padding[1] - kw) // stride[1] + 1
-        w2 = weight.reshape(o, -1)
-        y = np.empty((n, o, ho, wo), dtype=x.dtype)
-        for b in self._blocks(x.shape, weight, stride, padding):
-            cols, width = self._columns(x[b], (kh, kw), stride, padding)
-            out = np.matmul(w2, cols, out=self._scratch("product", (o, cols.shape[1]), x.dtype))
-            if bias is not None:  # while the block is in cache, not in a pass over y
-                out += bias.reshape(o, 1)
-            y[b] = out.reshape(o, -1, ho, width)[..., :wo].transpose(1, 0, 2, 3)
-        return y, x
-
-    def _uncolumns(self, dcols: Array, x_shape: Sequence[int], kernel: Sequence[int],
-                   padding: Sequence[int]) -> Array:
-        """The adjoint of the stride-1 :meth:`_columns`: ``dx`` of a block from ``dcols``
-        ``(C kh kw, N Ho Wp)``, one add of a contiguous run per kernel offset. The columns
-        forward dropped must be zero in ``dcols``: they land in the padding."""
-        n, c, h, w = x_shape
-        (kh, kw), (ph, pw) = kernel, padding
-        hp, wp = h + 2 * ph, w + 2 * pw
-        run = (hp - kh + 1) * wp
-        d = dcols.reshape(c, kh, kw, n, run)
-        acc = self._scratch("padded", (c, n, (hp + 1) * wp), dcols.dtype)
-        acc.fill(0)
-        for i in range(kh):
-            for j in range(kw):
-                acc[:, :, i * wp + j:i * wp + j + run] += d[:, i, j]
-        return acc.reshape(c, n, hp + 1, wp)[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3)
-
-    def backprop_conv2d(self, dy: Array, x: Array, x_shape: Sequence[int], weight: Array,
-                        stride: Sequence[int], padding: Sequence[int], bias: bool = True,
-                        input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
-        """As :meth:`Backend.backprop_conv2d`, blocked over samples, from the saved ``x``."""
-        (o, c, kh, kw), (ho, wo) = weight.shape, dy.shape[2:]
-        w2 = weight.reshape(o, -1)
-        ph, pw = kh - 1 - padding[0], kw - 1 - padding[1]
-        # the correlation reads an O-channel image padded by k - 1 - p; col2im writes and
-        # adds up C kh kw runs per output pixel: about twice the cost per element
-        correlate = input_grad and (tuple(stride) == (1, 1) and ph >= 0 and pw >= 0
-                                    and o * x_shape[2] * (x_shape[3] + kw - 1)
-                                    <= 2 * c * ho * wo)
-        gather = input_grad and not correlate
-        dx = np.empty(x_shape, dtype=dy.dtype) if gather else None
-        dweight_t = np.zeros((w2.shape[1], o), dtype=w2.dtype)
-        for b in self._blocks(x_shape, weight, stride, padding):
-            cols, width = self._columns(x[b], (kh, kw), stride, padding)
-            # dy laid out as the GEMM's output was, zero in the columns forward dropped
-            dy2 = self._scratch("product", (o, b.stop - b.start, ho, width), dy.dtype)
-            dy2[..., wo:] = 0
-            dy2[..., :wo] = dy[b].transpose(1, 0, 2, 3)
-            dy2 = dy2.reshape(o, -1)
-            # dweight^T = cols dy^T: OpenBLAS runs this orientation a third faster than
-            # dy cols^T (1.2 -> 0.8 ms for a 32 x 288 x 3264 block on one thread)
-            dweight_t += cols @ dy2.T
-            if gather:  # dcols = weight^T dy, over the block's columns (no longer needed)
-                dcols = np.matmul(w2.T, dy2, out=cols)
-                shape = (b.stop - b.start, *x_shape[1:])
-                dx[b] = (self._uncolumns(dcols, shape, (kh, kw), padding)
-                         if tuple(stride) == (1, 1) else
-                         self.col2im(dcols, shape, (kh, kw), stride, padding))
-        dweight = dweight_t.T.reshape(weight.shape)
-        dbias = self.conv_bias_grad(dy) if bias else None
-        if correlate:
-            # dx[n, c, h, w] = sum_{o,i,j} weight[o, c, i, j] dy[n, o, h + p - i, w + p - j]:
-            # a correlation of dy, padded by k - 1 - p, with the flipped, transposed kernel
-            flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            dx = self.conv2d(dy, flipped, None, (1, 1), (ph, pw))[0]
-        return dx, dweight, dbias
-
-
-class CudaBackend(KernelOps, Backend):
-    """CuPy on one NVIDIA GPU: the generic operations, with :class:`KernelOps` overriding
-    those gpunet's kernels accelerate."""
-
-    type = "cuda"
-
-    def __init__(self, cupy: Any, index: int) -> None:
-        super().__init__(cupy, f"cuda:{index}")
-        self.index = index
-        self._modules: dict[str, Any] = {}
-
-    def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
-               args: Sequence[Any], shared_mem: int = 0) -> None:
-        file = kernels.file_of(kernel)
-        if file not in self._modules:  # compiled on first use; CuPy caches it on disk
-            with self.xp.cuda.Device(self.index):
-                self._modules[file] = self.xp.RawModule(
-                    code=kernels.expanded_source(file), options=("-std=c++17",),
-                    name_expressions=kernels.name_expressions(file))
-        fn = self._modules[file].get_function(kernels.name_expression(kernel, dtype))
-        with self.xp.cuda.Device(self.index):
-            fn(grid, block, tuple(args), shared_mem=shared_mem)
-
-    def owns(self, a: Any) -> bool:
-        return isinstance(a, self.xp.ndarray) and a.device.id == self.index
-
-    def asarray(self, a: Any, dtype: Any = None) -> Array:
-        with self.xp.cuda.Device(self.index):
-            if isinstance(a, self.xp.ndarray) and a.device.id != self.index:
-                a = a.get()
-            return self.xp.asarray(a, dtype=dtype)
-
-    def zeros(self, shape: Sequence[int] | int, dtype: Any = np.float32) -> Array:
-        with self.xp.cuda.Device(self.index):
-            return self.xp.zeros(shape, dtype=dtype)
-
-    def zeros_like(self, a: Array) -> Array:
-        with self.xp.cuda.Device(self.index):
-            return self.xp.zeros_like(a)
-
-    def synchronize(self) -> None:
-        self.xp.cuda.Device(self.index).synchronize()
-
-    def activate(self) -> None:
-        self.xp.cuda.Device(self.index).use()
-
-
-class EmulatedBackend(KernelOps, Backend):
-    """NumPy arrays, with gpunet's kernels compiled by the host C++ compiler and run on the
-    CPU emulator (:mod:`gpunet.emulator`): the same ``.cu`` source, grid and block sizes as on
-    a GPU. ``order`` (``"forward"``, ``"reverse"`` or ``"shuffled"``) is the order in which the
-    threads of a block resume between barriers. Fresh outputs are filled with NaN so a value
-    a kernel forgot to write shows up."""
-
-    type = "emulated"
-    ORDERS = ("forward", "reverse", "shuffled")
-
-    def __init__(self, order: str = "forward", seed: int = 0) -> None:
-        if order not in self.ORDERS:
-            raise DeviceError(f"emulated device: expected a thread order in {self.ORDERS}, "
-                              f"got {order!r}")
-        super().__init__(np, "emulated" if order == "forward" else f"emulated:{order}")
-        self.order, self.seed = order, seed
-        self._modules: dict[str, Any] = {}
-
-    def empty(self, shape: Sequence[int] | int, dtype: Any = np.float32) -> Array:
-        from .emulator import empty
-        return empty(shape, dtype)  # all bytes 0xFF: NaN for floats, -1 for integers
-
-    def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
-               args: Sequence[Any], shared_mem: int = 0) -> None:
-        from .emulator import EmulatedModule
-        file = kernels.file_of(kernel)
-        if file not in self._modules:
-            self._modules[file] = EmulatedModule([kernels.kernel_dir() / file],
-                                                 kernels.name_expressions(file))
-        self._modules[file].launch(kernels.name_expression(kernel, dtype), grid, block,
-                                   tuple(args), shared_mem=shared_mem, order=self.order,
-                                   seed=self.seed)
-
-
-def _cpu_threads() -> int:
-    """Threads for the CPU device's element-wise work: ``$GPUNET_NUM_THREADS``, else the CPUs
-    this process may run on."""
-    value = os.environ.get("GPUNET_NUM_THREADS", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise DeviceError(f"GPUNET_NUM_THREADS must be a positive integer, got {value!r}")
-        return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# -- choosing a device --------------------------------------------------------------------
-_devices: dict[str, Backend] = {}
-
-
-def is_device_array(a: Any) -> bool:
-    """True for a CuPy array; tells without importing CuPy."""
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
-def to_numpy(a: Any) -> np.ndarray:
-    """A NumPy copy (or view) of ``a``, wherever it lives."""
-    return a.get() if is_device_array(a) else np.asarray(a)
-
-
-def device_of(a: Any) -> Backend:
-    """The device an array lives on."""
-    return get_device(f"cuda:{a.device.id}" if is_device_array(a) else "cpu")
-
-
-def asarray(a: Any, device: str | Backend = "cpu", dtype: Any = None) -> Array:
-    """``a`` as an array on ``device``."""
-    return get_device(device).asarray(a, dtype=dtype)
-
-
-def _import_cupy() -> Any:
-    try:
-        import cupy
-    except ImportError as e:
-        raise DeviceError(
-            f"CUDA device requested, but CuPy is not importable ({e}); install it with "
-            "pip install 'gpunet[cuda12]' (or cuda13)") from e
-    return cupy
-
-
-def _cuda_device_count(cupy: Any) -> int:
-    try:
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDARuntimeError: no driver, driver too old, no device
-        raise DeviceError(f"CUDA device requested, but the CUDA runtime reports: {e}") from e
-
-
-def _cuda_available() -> bool:
-    try:
-        return _cuda_device_count(_import_cupy()) > 0
-    except DeviceError:
-        return False
-
-
-def get_device(spec: str | Backend | None = "auto") -> Backend:
-    """The device for ``spec``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"emulated"`` (the CPU
-    emulator of the CUDA kernels; ``"emulated:reverse"`` and ``"emulated:shuffled"`` resume
-    threads in other orders) or ``"auto"``.
-
-    ``"auto"`` (and ``None``) takes ``$GPUNET_DEVICE`` when it is set, else CUDA when CuPy
-    imports and sees a GPU, else the CPU. Asking for CUDA where there is none raises
-    :class:`~gpunet.DeviceError` saying why.
-    """
-    if isinstance(spec, Backend):
-        return spec
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        spec = os.environ.get("GPUNET_DEVICE", "").strip().lower() or (
-            "cuda:0" if _cuda_available() else "cpu")
-        if spec == "auto":
-            raise DeviceError("GPUNET_DEVICE must name a device, got 'auto'")
-    if spec == "cuda":
-        spec = "cuda:0"
-    if spec == "emulated:forward":
-        spec = "emulated"
-    if spec in _devices:
-        return _devices[spec]
-    if spec == "cpu":
-        dev = CpuBackend(np, "cpu")
-    elif spec == "emulated" or spec.startswith("emulated:"):
-        dev = EmulatedBackend(spec.partition(":")[2] or "forward")
-    elif spec.startswith("cuda:"):
-        try:
-            index = int(spec[5:])
-        except ValueError:
-            raise DeviceError(f"expected a device 'cuda:N' with N an integer, got {spec!r}") from None
-        cupy = _import_cupy()
-        count = _cuda_device_count(cupy)
-        if not 0 <= index < count:
-            raise DeviceError(f"CUDA device {index} requested, but {count} GPU(s) are visible")
-        dev = CudaBackend(cupy, index)
-    else:
-        raise DeviceError(f"unknown device {spec!r}; expected 'cpu', 'cuda', 'cuda:N', "
-                          "'emulated' or 'auto'")
-    _devices[spec] = dev
-    return dev
-
-
-def available_devices() -> list[Backend]:
-    """Every device this machine can run: the CPU, the emulator where a C++ compiler is
-    installed, then each visible GPU."""
-    devices = [get_device("cpu")]
-    if shutil.which(os.environ.get("CXX", "g++")):
-        devices.append(get_device("emulated"))
-    if _cuda_available():
-        devices += [get_device(f"cuda:{i}") for i in range(_cuda_device_count(_import_cupy()))]
-    return devices

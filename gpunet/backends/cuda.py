@@ -1,0 +1,69 @@
+"""The ``cuda:N`` devices: CuPy on one NVIDIA GPU each, with gpunet's kernels."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .. import kernels
+from .base import Array, Backend, on_device
+from .kernel_ops import KernelOps
+
+
+class CudaBackend(KernelOps, Backend):
+    """CuPy on one NVIDIA GPU: the generic operations, with :class:`KernelOps` overriding
+    those gpunet's kernels accelerate.
+
+    Every public operation runs with this GPU current (:func:`~gpunet.backends.base.on_device`,
+    applied to the whole class below), so what it allocates, and the kernel modules it loads,
+    land on GPU ``index`` whichever device the calling thread has current.
+    """
+
+    type = "cuda"
+
+    def __init__(self, cupy: Any, index: int) -> None:
+        super().__init__(cupy, f"cuda:{index}")
+        self.index = index
+        self._modules: dict[str, Any] = {}
+        # The test suite's CuPy stand-in (tests/cupy_standin) marks itself; whatever runs on it
+        # is labelled so and never reported as a GPU result.
+        self.standin = bool(getattr(cupy, "GPUNET_STANDIN", False))
+
+    def __repr__(self) -> str:
+        return f"device({self.name!r}, CuPy stand-in)" if self.standin else super().__repr__()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (CuPy stand-in)" if self.standin else self.name
+
+    def scope(self) -> Any:
+        # a fresh Device each time: CuPy's Device keeps the device it replaced on the object,
+        # so one shared instance would mix up threads
+        return self.xp.cuda.Device(self.index)
+
+    def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
+               args: Sequence[Any], shared_mem: int = 0) -> None:
+        file = kernels.file_of(kernel)
+        if file not in self._modules:  # compiled on first use; CuPy caches it on disk
+            self._modules[file] = self.xp.RawModule(
+                code=kernels.expanded_source(file), options=("-std=c++17",),
+                name_expressions=kernels.name_expressions(file))
+        fn = self._modules[file].get_function(kernels.name_expression(kernel, dtype))
+        fn(grid, block, tuple(args), shared_mem=shared_mem)
+
+    def owns(self, a: Any) -> bool:
+        return isinstance(a, self.xp.ndarray) and a.device.id == self.index
+
+    def asarray(self, a: Any, dtype: Any = None) -> Array:
+        if isinstance(a, self.xp.ndarray) and a.device.id != self.index:
+            a = a.get()  # through the host: GPUs need not have peer access to each other
+        return self.xp.asarray(a, dtype=dtype)
+
+    def synchronize(self) -> None:
+        self.xp.cuda.Device(self.index).synchronize()
+
+
+# Not wrapped: what makes the device current, and what only reads an array's metadata.
+_UNSCOPED = {"scope", "owns", "synchronize"}
+for _name in dir(CudaBackend):
+    _attr = getattr(CudaBackend, _name)
+    if not _name.startswith("_") and callable(_attr) and _name not in _UNSCOPED:
+        setattr(CudaBackend, _name, on_device(_attr))
