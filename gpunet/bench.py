@@ -241,6 +241,9 @@ def _import_torch() -> Any:
 
 
 def _runners(w: Workload, device: str, threads: int | None) -> dict[str, Any]:
+    if getattr(gpunet.device(device), "standin", False):
+        raise gpunet.DeviceError(f"gpunet bench: {gpunet.device(device).label} is the test "
+                                 "suite's CuPy stand-in, not a GPU: its timings mean nothing")
     torch = _import_torch()
     runners: dict[str, Any] = {"gpunet": _GpunetRunner(w, device)}
     if torch is not None:

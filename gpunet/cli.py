@@ -112,7 +112,7 @@ def train(args: argparse.Namespace) -> int:
         ranks = f" x {comm.size} ranks" if comm.size > 1 else ""
         print(f"gpunet: training {args.model} on {args.data} ({len(train_set)} train, "
               f"{0 if val_set is None else len(val_set)} validation, {len(test_set)} test) "
-              f"on {device.name}{ranks}: {settings}", file=sys.stderr)
+              f"on {device.label}{ranks}: {settings}", file=sys.stderr)
     started = time.perf_counter()
     try:
         trainer.fit(train_set, settings["epochs"], settings["batch_size"], val=val_set,
@@ -123,7 +123,7 @@ def train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     scores = trainer.evaluate(test_set)
     metrics = {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
-               "epochs": settings["epochs"], "seconds": round(seconds, 3), "device": device.name}
+               "epochs": settings["epochs"], "seconds": round(seconds, 3), "device": device.label}
     if spec.metric is not None:  # the model's own metric takes accuracy's place: test_dice
         metrics["test_accuracy"] = None
         metrics[f"test_{spec.metric.__name__}"] = scores["accuracy"]
@@ -158,7 +158,7 @@ def info(args: argparse.Namespace) -> int:
         print(f"cupy: not importable ({e})")
     try:
         device = get_device("auto")
-        print(f"device: {device.name}")
+        print(f"device: {device.label}")
         if device.type == "cuda":
             props = device.xp.cuda.runtime.getDeviceProperties(device.index)
             print(f"gpu: {props['name'].decode()}")

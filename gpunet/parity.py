@@ -163,7 +163,7 @@ def _run(layer: Layer, xs: list[np.ndarray], multi: bool, dy: np.ndarray, traini
 def run_case(name: str, device: Backend, dtype: Any, seed: int = 0) -> Result:
     """Compare ``CASES[name]`` on ``device`` in ``dtype`` with the float64 CPU reference."""
     case, dtype = CASES[name], np.dtype(dtype)
-    result = Result(name, device.name, dtype.name)
+    result = Result(name, device.label, dtype.name)
     g = np.random.default_rng(seed)
     raw = case.inputs(g)
     multi = isinstance(raw, list)
@@ -206,11 +206,11 @@ def run(devices: Sequence[Backend] | None = None,
 
 def table(results: Sequence[Result]) -> str:
     """Results as a text table: case, device, dtype, worst error per array, verdict."""
-    lines = [f"{'case':<24} {'device':<18} {'dtype':<8} {'worst':>9}  {'verdict':<7} detail"]
+    lines = [f"{'case':<24} {'device':<24} {'dtype':<8} {'worst':>9}  {'verdict':<7} detail"]
     for r in results:
         worst = max(r.errors.values(), default=float("inf"))
         detail = r.message or " ".join(f"{k}={v:.2g}" for k, v in r.errors.items())
-        lines.append(f"{r.case:<24} {r.device:<18} {r.dtype:<8} {worst:>9.3g}  "
+        lines.append(f"{r.case:<24} {r.device:<24} {r.dtype:<8} {worst:>9.3g}  "
                      f"{'pass' if r.ok else 'FAIL':<7} {detail}")
     failed = sum(not r.ok for r in results)
     lines.append(f"{len(results) - failed} passed, {failed} failed "

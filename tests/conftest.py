@@ -4,18 +4,20 @@ from __future__ import annotations
 import pytest
 
 import gpunet
-from gpunet import backends
-
-# CUDA entries are always listed, and skipped with a reason where no GPU is visible, so the
-# report shows what did not run.
-DEVICE_SPECS = ["cpu", "emulated", "cuda"]
+from helpers import DEVICE_SPECS, open_device
+from standin import standin_cupy
 
 
 @pytest.fixture(params=DEVICE_SPECS)
 def device(request):
-    if request.param == "cuda" and not backends._cuda_available():
-        pytest.skip("no CUDA device visible (CuPy missing or no GPU)")
-    return gpunet.device(request.param)
+    yield from open_device(request.param)
+
+
+@pytest.fixture
+def standin():
+    """The CuPy stand-in as ``cupy`` for the test's duration (two GPUs, current device 0)."""
+    with standin_cupy() as cupy:
+        yield cupy
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+import gpunet
+from gpunet import backends
+from standin import standin_cupy
 
 
 def numeric_grad(loss, pred: np.ndarray, target, h: float = 1e-6) -> np.ndarray:
@@ -42,9 +47,28 @@ def train_command(args: list[str], tmp_path) -> dict:
 
 def assert_refused(layer, x, error, match) -> None:
     """``layer.forward(x)`` raises ``error`` matching ``match`` and leaves the weights alone."""
-    import pytest
     before = {k: p.data.copy() for k, p in layer.params().items()}
     with pytest.raises(error, match=match):
         layer.forward(x)
     for k, p in layer.params().items():
         np.testing.assert_array_equal(p.data, before[k])
+
+
+# CUDA entries are always listed, and skipped with a reason where no GPU is visible, so the
+# report shows what did not run. "standin-cuda:N" is the real CudaBackend on GPU N of the CuPy
+# stand-in (tests/cupy_standin: two GPUs under CuPy's device and host rules, kernels on the CPU
+# emulator), which runs everywhere; its results are never GPU results.
+STANDIN_SPECS = ["standin-cuda:0", "standin-cuda:1"]
+DEVICE_SPECS = ["cpu", "emulated", "cuda", *STANDIN_SPECS]
+
+
+def open_device(spec: str):
+    """A generator yielding the device ``spec`` names, with the stand-in installed for as long
+    as it runs when ``spec`` names a stand-in GPU."""
+    if spec.startswith("standin-"):
+        with standin_cupy():
+            yield gpunet.device(spec[len("standin-"):])
+        return
+    if spec == "cuda" and not backends._cuda_available():
+        pytest.skip("no CUDA device visible (CuPy missing or no GPU)")
+    yield gpunet.device(spec)

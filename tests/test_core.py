@@ -45,6 +45,16 @@ def test_cuda_where_there_is_none_says_why():
         gpunet.device("cuda")
 
 
+def test_gpus_of_the_standin(standin, monkeypatch):
+    monkeypatch.delenv("GPUNET_DEVICE", raising=False)
+    assert gpunet.device() == gpunet.device("cuda") == gpunet.device("cuda:0")
+    assert [d.name for d in gpunet.available_devices()][-2:] == ["cuda:0", "cuda:1"]
+    assert gpunet.device("cuda:1").label == "cuda:1 (CuPy stand-in)"
+    assert "stand-in" in repr(gpunet.device("cuda:1"))
+    with pytest.raises(DeviceError, match="CUDA device 2 requested, but 2 GPU"):
+        gpunet.device("cuda:2")
+
+
 def test_auto_device_and_environment_override(monkeypatch):
     monkeypatch.delenv("GPUNET_DEVICE", raising=False)
     assert gpunet.device().type == ("cuda" if _cuda_available() else "cpu")

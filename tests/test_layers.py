@@ -210,12 +210,13 @@ def test_non_array_input_is_reported():
         ReLU().forward(ArrayLike())
 
 
-def test_array_from_another_device_is_reported():
-    if not gpunet.backends._cuda_available():
-        pytest.skip("a GPU is needed to hand a CPU layer an array from another device")
-    import cupy
+def test_array_from_another_device_is_reported(standin):
     with pytest.raises(DeviceError, match="ReLU: expected input on device cpu, got an array on cuda:0"):
-        ReLU().forward(cupy.zeros((2, 2), cupy.float32))
+        ReLU().forward(standin.zeros((2, 2), standin.float32))
+    on_gpu1 = Dense(2, 2).to("cuda:1")
+    with pytest.raises(DeviceError, match="Dense: expected input on device cuda:1, got an array "
+                                          "on cuda:0"):
+        on_gpu1.forward(gpunet.asarray(np.zeros((3, 2), np.float32), "cuda:0"))
 
 
 # -- skipping the input gradient -----------------------------------------------------------

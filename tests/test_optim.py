@@ -105,7 +105,7 @@ def test_updates_are_in_place_and_keep_the_dtype(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_each_device_matches_numpy(variant, device):
     cls, ref, kwargs = VARIANTS[variant]
-    params = {k: Parameter(device.asarray(v).copy()) for k, v in START.items()}  # own copy
+    params = {k: Parameter(device.asarray(v.copy())) for k, v in START.items()}  # own copy
     run(cls(params, **kwargs), params,
         [{k: device.asarray(v) for k, v in g.items()} for g in GRADS])
     for k, p in params.items():

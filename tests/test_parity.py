@@ -1,41 +1,54 @@
 """The device-parity suite under pytest: every registered case on every device."""
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-import gpunet
 from gpunet import parity
-from gpunet.backends import Backend, _cuda_available
+from helpers import STANDIN_SPECS, open_device
+from standin import standin_env
+from gpunet.backends import Backend
 from gpunet.cli import main
 from gpunet.layers import LAYERS
 
 # emulated runs the kernels with the threads of a block resumed in launch order; the
 # reverse and shuffled orders (for the cases that launch kernels) show that no result
 # depends on the order between barriers.
-DEVICES = ["cpu", "emulated", "cuda"]
+DEVICES = ["cpu", "emulated", "cuda", *STANDIN_SPECS]
 KERNEL_CASES = [name for name in parity.CASES
                 if name.startswith(("BatchNorm", "Conv2D", "MaxPool2D", "LSTM"))]
 
 
-def get(spec: str) -> Backend:
-    if spec == "cuda" and not _cuda_available():
-        pytest.skip("no CUDA device visible (CuPy missing or no GPU)")
-    return gpunet.device(spec)
+@pytest.fixture
+def get():
+    """``get(spec)``: the device, the stand-in staying installed until the test ends."""
+    with contextlib.ExitStack() as stack:
+        def open_(spec: str) -> Backend:
+            gen = open_device(spec)
+            stack.callback(gen.close)
+            return next(gen)
+        yield open_
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("spec", DEVICES)
 @pytest.mark.parametrize("case", parity.CASES)
-def test_parity(case, spec, dtype):
-    result = parity.run_case(case, get(spec), dtype)
+def test_parity(case, spec, dtype, get):
+    device = get(spec)
+    result = parity.run_case(case, device, dtype)
     assert result.ok, parity.table([result])
+    if spec.startswith("standin-"):
+        assert result.device == f"{spec[len('standin-'):]} (CuPy stand-in)"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("spec", ["emulated:reverse", "emulated:shuffled"])
 @pytest.mark.parametrize("case", KERNEL_CASES)
-def test_parity_in_every_thread_order(case, spec, dtype):
+def test_parity_in_every_thread_order(case, spec, dtype, get):
     result = parity.run_case(case, get(spec), dtype)
     assert result.ok, parity.table([result])
 
@@ -68,3 +81,16 @@ def test_command_line(capsys):
     with pytest.raises(SystemExit):
         main(["parity", "--nonsense"])
     assert main(["parity", "--cases", "NoSuchLayer"]) == 2
+
+
+def test_command_line_labels_the_standin():
+    """``gpunet parity`` on the stand-in's two GPUs, in a fresh process: every row passes and
+    says it ran on the stand-in, not on a GPU."""
+    done = subprocess.run([sys.executable, "-m", "gpunet", "parity", "--devices",
+                           "cuda:0,cuda:1", "--cases", "BatchNorm-4d,Conv2D,Dense"],
+                          env=standin_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("BatchNorm", "Conv2D",
+                                                                          "Dense "))]
+    assert len(rows) == 12 and all("(CuPy stand-in)" in row for row in rows)
+    assert "12 passed, 0 failed" in done.stdout

@@ -22,6 +22,7 @@ class CudaBackend(KernelOps, Backend):
     def __init__(self, cupy: Any, index: int) -> None:
         super().__init__(cupy, f"cuda:{index}")
         self.index = index
+        self._device = cupy.cuda.Device(index)
         self._modules: dict[str, Any] = {}
         # The test suite's CuPy stand-in (tests/cupy_standin) marks itself; whatever runs on it
         # is labelled so and never reported as a GPU result.
@@ -35,9 +36,7 @@ class CudaBackend(KernelOps, Backend):
         return f"{self.name} (CuPy stand-in)" if self.standin else self.name
 
     def scope(self) -> Any:
-        # a fresh Device each time: CuPy's Device keeps the device it replaced on the object,
-        # so one shared instance would mix up threads
-        return self.xp.cuda.Device(self.index)
+        return self._device  # CuPy keeps the devices a context replaced per thread (since 12)
 
     def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
                args: Sequence[Any], shared_mem: int = 0) -> None:
@@ -58,7 +57,7 @@ class CudaBackend(KernelOps, Backend):
         return self.xp.asarray(a, dtype=dtype)
 
     def synchronize(self) -> None:
-        self.xp.cuda.Device(self.index).synchronize()
+        self._device.synchronize()
 
 
 # Not wrapped: what makes the device current, and what only reads an array's metadata.

@@ -13,7 +13,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..backends import FLOAT_DTYPES, Array, Backend, get_device, is_device_array, to_numpy
+from ..backends import (FLOAT_DTYPES, Array, Backend, device_of, get_device, is_device_array,
+                        to_numpy)
 from ..backends.base import on_device
 from ..errors import DTypeError, DeviceError, ShapeError, StateError
 
@@ -28,8 +29,7 @@ class Parameter:
 
     def __init__(self, data: Array) -> None:
         self.data = data
-        self.grad = data.copy()
-        self.grad[...] = 0
+        self.grad = device_of(data).zeros_like(data)  # on the data's device, not the current one
 
     @property
     def shape(self) -> tuple[int, ...]:
