@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import gpunet
 from gpunet import Sequential, Trainer, data, distributed, optim
+from gpunet.errors import DeviceError
 from gpunet.layers import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from gpunet.losses import SoftmaxCrossEntropy
 
@@ -50,10 +52,34 @@ class Checksums(optim.SGD):
         self.spreads.append(self.comm.allreduce_sum([abs(float(root[0]) - total)])[0])
 
 
+def open_device(spec: str):
+    """``spec``; "cuda" is one GPU per rank, as `gpunet train --distributed` picks them."""
+    if spec != "cuda":
+        return gpunet.device(spec)
+    count = gpunet.device("cuda").xp.cuda.runtime.getDeviceCount()
+    return gpunet.device(f"cuda:{distributed.local_rank() % count}")
+
+
+def report_refusal(out: str, error: DeviceError) -> None:
+    """Leave this rank's DeviceError in OUT.rankR, then wait (20 s at most) until every rank
+    has: the test sees that each rank refused, not only the first one to exit (mpirun stops
+    the others as soon as one exits)."""
+    from mpi4py import MPI
+    world = MPI.COMM_WORLD
+    Path(f"{out}.rank{world.Get_rank()}").write_text(str(error))
+    request, deadline = world.Ibarrier(), time.monotonic() + 20
+    while not request.Test() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
-    device = gpunet.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
-    comm = distributed.init(device)
+    device = open_device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
+    try:
+        comm = distributed.init(device)
+    except DeviceError as e:
+        report_refusal(out, e)
+        raise
     train = dataset(scenario)
     model = build(scenario).to(device)
     opt = Checksums(model.params(), comm, lr=0.1, momentum=0.9)
@@ -74,6 +100,7 @@ def main() -> None:
         np.savez(out, size=comm.size, spreads=np.array(opt.spreads), epochs=len(trainer.history),
                  **{k: gpunet.to_numpy(p.data) for k, p in model.params().items()},
                  **{k: gpunet.to_numpy(v) for k, v in model.state().items()})
+    comm.close()
 
 
 if __name__ == "__main__":
