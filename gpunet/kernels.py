@@ -16,8 +16,9 @@ import numpy as np
 
 #: Each kernel file and the templated kernels it defines.
 KERNELS: dict[str, tuple[str, ...]] = {
-    "batchnorm.cu": ("bn_reduce_nchw", "bn_reduce_nc", "bn_backward_dx"),
-    "conv.cu": ("conv_im2col", "conv_col2im", "conv_bias_grad"),
+    "batchnorm.cu": ("bn_sum_nchw", "bn_sum_nc", "bn_sq_dev_nchw", "bn_sq_dev_nc",
+                     "bn_reduce_nchw", "bn_reduce_nc", "bn_finish", "bn_backward_dx"),
+    "conv.cu": ("conv_im2col", "conv_col2im", "conv_bias_grad", "conv_bias_grad_finish"),
     "pooling.cu": ("maxpool_forward", "maxpool_backward"),
     "lstm.cu": ("lstm_forward", "lstm_backward"),
 }

@@ -62,27 +62,22 @@ __global__ void conv_col2im(const T* __restrict__ dcols, int N, int C, int H, in
     }
 }
 
-// The bias gradient: dbias[o] = sum over n, ho, wo of dy[n][o][ho][wo]. One block per output
-// channel; threads walk the channel's (n, hw) positions with hw fastest (coalesced reads once
-// HW >= 32), then the block's partial sums meet through shared memory.
-// blockDim.x must be a multiple of 32 and at most 1024.
+// The bias gradient: dbias[o] = sum over n, ho, wo of dy[n][o][ho][wo], the deterministic
+// two-stage reduction of common.cuh. Stage 1 on a (O, chunks) grid of 1-D blocks (blockDim.x
+// a multiple of 32, at most 1024): block (o, k) sums chunk k of channel o's N*HW values, walking
+// them with hw fastest (coalesced reads once HW >= 32), into partials[o][k]. With a 1-D grid
+// (chunks = 1) that is dbias itself; otherwise conv_bias_grad_finish adds each channel's
+// partials in a fixed order. gpunet.backends.kernel_ops.reduction_grid chooses the grid.
 template <typename T>
 __global__ void conv_bias_grad(const T* __restrict__ dy, int N, int O, int HW,
-                               T* __restrict__ dbias) {
-    __shared__ T partial[32];
-    const int o = blockIdx.x;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    T sum = 0;
-    const long long count = (long long)N * HW;
-    for (long long k = threadIdx.x; k < count; k += blockDim.x) {
-        const long long n = k / HW, hw = k - n * HW;
-        sum += dy[(n * O + o) * HW + hw];
-    }
-    sum = gpunet_warp_sum(sum);
-    if (lane == 0) partial[warp] = sum;
-    __syncthreads();  // every warp's partial sum is written before warp 0 reads them
-    if (warp == 0) {
-        sum = gpunet_warp_sum(lane < warps ? partial[lane] : T(0));
-        if (lane == 0) dbias[o] = sum;
-    }
+                               T* __restrict__ partials) {
+    gpunet_reduce_nchw<1>(N, O, HW, [&](long long at, T (&acc)[1]) { acc[0] += dy[at]; },
+                          partials);
+}
+
+// Stage 2: dbias[o] = sum over k of partials[o][k], one warp per channel.
+template <typename T>
+__global__ void conv_bias_grad_finish(const T* __restrict__ partials, int O, int chunks,
+                                      T* __restrict__ dbias) {
+    gpunet_sum_partials(partials, O, chunks, dbias);
 }

@@ -61,14 +61,15 @@ def main() -> int:
         print("kernel_report: ptxas not found (it comes with the CUDA toolkit)", file=sys.stderr)
         return 2
     print(f"NVRTC {'.'.join(map(str, nvrtc.version()))}")
-    print(f"{'kernel':<28} {'arch':<6} {'regs':>5} {'smem':>6} {'stack':>6} {'spills':>7}")
+    rows = [r for arch in args.arch or ["sm_80", "sm_90"] for r in report(arch)]
+    width = max([len("kernel"), *(len(r["kernel"]) for r in rows)])
+    print(f"{'kernel':<{width}} {'arch':<6} {'regs':>5} {'smem':>6} {'stack':>6} {'spills':>7}")
     spilled = False
-    for arch in args.arch or ["sm_80", "sm_90"]:
-        for r in report(arch):
-            spills = r.get("spill_stores", 0) + r.get("spill_loads", 0)
-            spilled |= spills > 0
-            print(f"{r['kernel']:<28} {r['arch']:<6} {r.get('registers', 0):>5} "
-                  f"{r.get('smem', 0):>6} {r.get('stack', 0):>6} {spills:>7}")
+    for r in rows:
+        spills = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        spilled |= spills > 0
+        print(f"{r['kernel']:<{width}} {r['arch']:<6} {r.get('registers', 0):>5} "
+              f"{r.get('smem', 0):>6} {r.get('stack', 0):>6} {spills:>7}")
     return 1 if spilled else 0
 
 

@@ -136,26 +136,197 @@ def test_backward_kernels_match_the_generic_code(shape, order, dtype, tol):
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=name)
 
 
-@pytest.mark.parametrize("barrier, shape", [
+# -- the per-channel reductions: grids, results, determinism -----------------------------------
+# Every sum (forward statistics, backward sums, conv bias gradient) is the two-stage reduction
+# of kernels/common.cuh on the grid kernel_ops.reduction_grid chooses.
+from gpunet.backends import Backend, EmulatedBackend  # noqa: E402
+from gpunet.backends.kernel_ops import (REDUCTION_MIN_VALUES, REDUCTION_SMS,  # noqa: E402
+                                        reduction_grid)
+
+GENERIC = Backend(np, "generic")  # the NumPy reference code, without the CPU device's threads
+STAGE_2 = {"bn_finish", "conv_bias_grad_finish"}
+
+
+def recorded_launches(dev, run=True):
+    """Wrap ``dev.launch`` to record (kernel, grid, block) of every launch; with ``run=False``
+    nothing runs (the grids of big tensors, asserted without emulating them)."""
+    launches, real = [], dev.launch
+
+    def launch(kernel, dtype, grid, block, args, shared_mem=0):
+        launches.append((kernel, tuple(grid), tuple(block)))
+        if run:
+            real(kernel, dtype, grid, block, args, shared_mem)
+    dev.launch = launch
+    return launches
+
+
+def blocks(grid):
+    return int(np.prod(grid))
+
+
+def reductions(shape, dtype=np.float64):
+    """The per-channel operations on ``shape`` data: name -> (method name, args)."""
+    dy, x, mean, invstd, gamma = backward_inputs(shape, dtype)
+    return {"channel_sum": ("channel_sum", (x,)),
+            "channel_sq_dev": ("channel_sq_dev", (x, mean)),
+            "batchnorm_backward": ("batchnorm_backward", (dy, x, mean, invstd, gamma))}
+
+
+BIG = [(2, 32, 128, 128), (1, 1, 1024, 1024), (2**20, 1), (4, 1, 512, 512), (1024, 1024),
+       (1, 1024, 32, 32), (4, 1024, 16, 16), (2**20 // 3 + 1, 3), (9, 260, 22, 22),
+       (10, 263, 20, 20), (1, 2**20), (64, 64, 16, 16)]
+
+
+@pytest.mark.parametrize("shape", BIG)
+def test_tensors_of_a_million_values_launch_two_blocks_per_sm(shape):
+    """The grids the kernels are launched on (recorded, not run): at least 2 blocks per SM of
+    a 132-SM GPU for every operation, whatever the channel count; stage 2 exactly when a
+    channel is split; blocks that split a channel keep thousands of values each."""
+    assert np.prod(shape) >= 2**20
+    dev = EmulatedBackend()
+    x = np.zeros(shape, np.float32)
+    ops = {"channel_sum": (x,), "channel_sq_dev": (x, np.zeros(shape[1], np.float32)),
+           "batchnorm_backward": (x, x, *(np.ones(shape[1], np.float32),) * 3)}
+    for name, args in ops.items():
+        launches = recorded_launches(dev, run=False)
+        getattr(dev, name)(*args)
+        kernel, grid, block = launches[0]
+        assert kernel.endswith("_nc" if len(shape) == 2 and shape[1] > 1 else "_nchw"), name
+        assert blocks(grid) >= 2 * REDUCTION_SMS, (name, grid)
+        chunks = grid[1]
+        assert [k for k, _, _ in launches if k in STAGE_2] == (["bn_finish"] if chunks > 1 else [])
+        if chunks > 1:
+            per_block = np.prod(shape) / shape[1] / chunks
+            if kernel.endswith("_nc"):  # a block holds 32 channels
+                per_block *= min(shape[1], 32)
+            assert per_block >= REDUCTION_MIN_VALUES / 2, (name, grid, per_block)
+
+
+@pytest.mark.parametrize("n, c, hw, want", [
+    (2, 32, 128 * 128, (16, 256)),      # the bn benchmark: 32 channels -> 512 blocks
+    (1, 1, 2**20, (512, 256)),          # one channel: split 512 ways
+    (1, 1024, 1024, (1, 256)),          # 1024 channels fill the GPU as they are
+    (1024, 1024, 1, (16, 256)),         # (N, C): 32 column blocks x 16 row chunks
+    (2, 3, 16, (1, 32)),                # tiny: one warp per channel, one launch
+    (5, 3, 63, (1, 256)),               # 315 values: one block of 256 per channel
+    (1, 2, 64 * 80, (3, 256)),          # 5120 values per channel: 3 chunks
+    (10**6, 2, 1, (977, 256)),          # (N, 2): one column block, chunks of 2048 values
+])
+def test_reduction_grid(n, c, hw, want):
+    assert reduction_grid(n, c, hw) == want
+
+
+def test_reduction_grid_fills_the_gpu_for_every_million_value_shape():
+    """The documented guarantee over a sweep of channel counts and spatial sizes (computed,
+    nothing runs): >= 512 blocks for >= 2**20 values, within the launch limits."""
+    for c in (1, 2, 3, 17, 31, 32, 33, 64, 100, 249, 255, 260, 263, 264, 300, 512, 1000, 1024,
+              4096, 2**20):
+        for hw in (1, 2, 7 * 7, 14 * 14, 56 * 56, 128 * 128, 2**20):
+            for scale in (1, 3, 100):
+                n = max(1, -(-2**20 // (c * hw))) * scale
+                if c == 1 and hw == 1:  # (N, 1) data is reduced as (1, 1, N)
+                    n, hw = 1, n
+                chunks, threads = reduction_grid(n, c, hw)
+                across = c if hw > 1 else -(-c // 32)
+                assert across * chunks >= 512, (n, c, hw, chunks)
+                assert 1 <= chunks <= 65535 and threads % 32 == 0 and 32 <= threads <= 256
+    with pytest.raises(ValueError, match="expected n, c, hw >= 1"):
+        reduction_grid(0, 3, 4)
+
+
+def test_a_tiny_tensor_is_one_small_launch():
+    dev = EmulatedBackend()
+    launches = recorded_launches(dev)
+    dev.channel_sum(R.normal(size=(2, 3, 4, 4)))
+    assert launches == [("bn_sum_nchw", (3, 1), (32,))]
+    launches.clear()
+    dev.batchnorm_backward(*backward_inputs((6, 5), np.float64))
+    assert launches[0] == ("bn_reduce_nc", (1, 1), (32, 8))
+    assert [k for k, _, _ in launches] == ["bn_reduce_nc", "bn_backward_dx"]
+
+
+# shape, forced (chunks, threads) or None for reduction_grid's choice
+REDUCTION_CASES = [
+    ((5, 3, 7, 9), None), ((2, 70, 1, 1), None), ((37, 40), None), ((300, 2), None),
+    ((1, 4, 16, 16), None), ((64, 1), None), ((2, 2, 48, 48), None),  # 3 chunks of 1536
+    ((5, 3, 7, 9), (5, 64)), ((1, 4, 16, 16), (7, 32)), ((3, 1, 5, 50), (9, 64)),
+    ((37, 40), (6, 256)), ((300, 2), (11, 256)), ((64, 1), (4, 32)), ((4, 2, 3, 3), (3, 32)),
+]
+
+
+def force_grid(dev, grid):
+    if grid is not None:
+        dev._reduction_grid = lambda n, c, hw: grid
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+@pytest.mark.parametrize("shape, grid", REDUCTION_CASES)
+def test_reductions_match_the_generic_code_and_are_bit_identical_in_every_order(shape, grid,
+                                                                                dtype, tol):
+    """Forward statistics and backward sums on the emulator, in the three thread (and block)
+    orders: equal to the generic NumPy code within the dtype's tolerance, and the same bits in
+    every order (no result depends on scheduling). Forced grids put many chunks of a few
+    values each, and chunks left empty, through both stages."""
+    results, ops = {}, reductions(shape, dtype)
+    for order in ORDERS:
+        dev = EmulatedBackend(order)
+        force_grid(dev, grid)
+        launches = recorded_launches(dev)
+        for name, (method, args) in ops.items():
+            got = getattr(dev, method)(*args)
+            got = got if isinstance(got, tuple) else (got,)
+            want = getattr(GENERIC, method)(*[a.astype(np.float64) for a in args])
+            want = want if isinstance(want, tuple) else (want,)
+            for g, w in zip(got, want):
+                assert g.dtype == dtype and g.shape == w.shape
+                np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"{name} {order}")
+            results.setdefault(name, []).append(got)
+        if grid is not None:
+            stage1 = [g for k, g, _ in launches if k not in STAGE_2 and k != "bn_backward_dx"]
+            assert all(g[1] == grid[0] for g in stage1)
+            assert sum(k == "bn_finish" for k, _, _ in launches) == (3 if grid[0] > 1 else 0)
+    for name, runs in results.items():
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}: differs between orders")
+
+
+BARRIERS = [  # every __syncthreads() the reductions have, with a shape whose kernels use it
     ("__syncthreads();  // every warp's partial sum", (4, 3, 8, 8)),
     ("__syncthreads();  // all 8 rows of partial sums", (64, 40)),
-])
-def test_removing_a_barrier_makes_the_kernels_fail(tmp_path, monkeypatch, barrier, shape):
-    """A scratch copy of batchnorm.cu without one __syncthreads() gives wrong gradients on
-    the emulator in at least one thread order: the orders catch a missing barrier."""
+]
+
+
+def test_every_barrier_of_the_reductions_is_tested():
     from gpunet import kernels
-    from gpunet.backends import EmulatedBackend
-    source = kernels.read_kernel("batchnorm.cu")
+    text = "".join(kernels.read_kernel(f) for f in ("batchnorm.cu", "common.cuh", "conv.cu"))
+    assert text.count("__syncthreads()") == len(BARRIERS)
+
+
+@pytest.mark.parametrize("barrier, shape", BARRIERS)
+def test_removing_a_barrier_makes_the_kernels_fail(tmp_path, monkeypatch, barrier, shape):
+    """A scratch copy of the kernels without one __syncthreads() of common.cuh's reductions
+    gives wrong results on the emulator in at least one thread order, for every operation
+    built on it (forward statistics, backward sums, the conv bias gradient): the orders catch
+    a missing barrier."""
+    from gpunet import kernels
+    source = kernels.read_kernel("common.cuh")
     assert source.count(barrier) == 1
-    (tmp_path / "batchnorm.cu").write_text(source.replace(barrier, "// (barrier removed)"))
-    (tmp_path / "common.cuh").write_text(kernels.read_kernel("common.cuh"))
+    for file in ("batchnorm.cu", "conv.cu"):
+        (tmp_path / file).write_text(kernels.read_kernel(file))
+    (tmp_path / "common.cuh").write_text(source.replace(barrier, "// (barrier removed)"))
     monkeypatch.setattr(kernels, "kernel_dir", lambda: tmp_path)
     monkeypatch.setenv("GPUNET_CACHE_DIR", str(tmp_path / "cache"))
-    args = backward_inputs(shape, np.float64)
-    want = gpunet.device("cpu").batchnorm_backward(*args)
-    wrong = []
-    for order in ORDERS:
-        got = EmulatedBackend(order).batchnorm_backward(*args)
-        if not all(np.allclose(g, w, rtol=1e-8, atol=1e-8) for g, w in zip(got, want)):
-            wrong.append(order)
-    assert wrong, "the kernels without the barrier gave right results in every order"
+    ops = reductions(shape)
+    if len(shape) == 4:
+        ops["conv_bias_grad"] = ("conv_bias_grad", (ops["channel_sum"][1][0],))
+    for name, (method, args) in ops.items():
+        want = getattr(GENERIC, method)(*args)
+        want = want if isinstance(want, tuple) else (want,)
+        wrong = []
+        for order in ORDERS:
+            got = getattr(EmulatedBackend(order), method)(*args)
+            got = got if isinstance(got, tuple) else (got,)
+            if not all(np.allclose(g, w, rtol=1e-8, atol=1e-8) for g, w in zip(got, want)):
+                wrong.append(order)
+        assert wrong, f"{name} without the barrier gave right results in every order"

@@ -9,7 +9,7 @@ import pytest
 
 import gpunet
 from gpunet import DTypeError, ShapeError, StateError, gradcheck
-from gpunet.backends import Backend, CpuBackend
+from gpunet.backends import Backend, CpuBackend, EmulatedBackend
 from gpunet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from helpers import assert_refused, train_command
 
@@ -144,6 +144,65 @@ def test_conv_kernels_match_the_generic_code(shape, kernel, stride, padding, ord
     dy = R.normal(size=(shape[0], 5, 7, 11)).astype(dtype)  # N * HW = 77 or 231 per channel
     np.testing.assert_allclose(emu.conv_bias_grad(dy), dy.astype(np.float64).sum(axis=(0, 2, 3)),
                                rtol=tol, atol=tol)
+
+
+def recorded_launches(dev, run=True):
+    """Record (kernel, grid, block) of every launch on ``dev``; ``run=False`` runs nothing."""
+    launches, real = [], dev.launch
+
+    def launch(kernel, dtype, grid, block, args, shared_mem=0):
+        launches.append((kernel, tuple(grid), tuple(block)))
+        if run:
+            real(kernel, dtype, grid, block, args, shared_mem)
+    dev.launch = launch
+    return launches
+
+
+@pytest.mark.parametrize("shape, want", [
+    ((2, 32, 128, 128), [("conv_bias_grad", (32, 16), (256,)),   # 512 blocks for 32 channels
+                         ("conv_bias_grad_finish", (4,), (32, 8))]),
+    ((4, 1, 512, 512), [("conv_bias_grad", (1, 512), (256,)),
+                        ("conv_bias_grad_finish", (1,), (32, 8))]),
+    ((1, 1024, 32, 32), [("conv_bias_grad", (1024, 1), (256,))]),  # one launch fills the GPU
+    ((1024, 1024, 1, 1), [("bn_sum_nc", (32, 16), (32, 8)), ("bn_finish", (128,), (32, 8))]),
+    ((2, 5, 7, 11), [("conv_bias_grad", (5, 1), (160,))]),  # 154 values: 5 warps, one launch
+])
+def test_bias_gradient_grids(shape, want):
+    """The grids conv_bias_grad launches (recorded, not run): a (channels x chunks) grid that
+    fills a 132-SM GPU twice over for a million values, whatever the channel count; a 1 x 1
+    output goes to the (N, C) kernel; a small one is a single launch."""
+    dev = EmulatedBackend()
+    launches = recorded_launches(dev, run=False)
+    dev.conv_bias_grad(np.zeros(shape, np.float32))
+    assert launches == want
+    if np.prod(shape) >= 2**20:
+        assert np.prod(launches[0][1]) >= 2 * 132
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("shape, grid", [
+    ((2, 5, 7, 11), None), ((1, 3, 40, 60), None), ((6, 3, 1, 1), None), ((7, 1, 1, 1), None),
+    ((3, 4, 5, 6), (5, 64)), ((2, 1, 9, 9), (4, 32)), ((1, 2, 3, 3), (3, 32)),
+])
+def test_bias_gradient_in_every_order_is_the_same_bits(shape, grid, dtype, tol):
+    """conv_bias_grad on the emulator against the generic code, in every thread and block
+    order, with the same bits in all three; forced grids split channels into many chunks."""
+    dy = R.normal(size=shape).astype(dtype)
+    want = Backend(np).conv_bias_grad(dy.astype(np.float64))
+    results = []
+    for order in ORDERS:
+        dev = EmulatedBackend(order)  # a fresh one: its launch and grid are replaced here
+        if grid is not None:
+            dev._reduction_grid = lambda n, c, hw: grid
+        launches = recorded_launches(dev)
+        got = dev.conv_bias_grad(dy)
+        assert got.dtype == dtype and got.shape == (shape[1],)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=order)
+        if grid is not None:
+            assert launches[0][1] == (shape[1], grid[0]) and len(launches) == 2
+        results.append(got)
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)
 
 
 def test_col2im_is_the_adjoint_of_im2col():

@@ -47,7 +47,7 @@ def test_expanded_source_inlines_headers_with_line_markers():
 
 
 def test_compile_error_names_the_file_and_line():
-    source = kernels.expanded_source("batchnorm.cu").replace("a += g;", "a += undefined_g;", 1)
+    source = kernels.expanded_source("batchnorm.cu").replace("acc[0] += g;", "acc[0] += undefined_g;", 1)
     with pytest.raises(KernelCompileError) as info:
         nvrtc.compile_ptx(source, "batchnorm.cu", "compute_80",
                           name_expressions=kernels.name_expressions("batchnorm.cu"))

@@ -15,6 +15,50 @@ def _blocks(total: int, threads: int, cap: int = 1024) -> int:
     return max(1, min(-(-total // threads), cap))
 
 
+#: Streaming multiprocessors of the GPU the reduction grids are sized for (H100, H200: 132).
+#: A constant, not the current GPU's count: the grid, and so the summation order and the bits
+#: of every sum, then depend on the tensor's shape alone, on any GPU and on the emulator.
+REDUCTION_SMS = 132
+#: Blocks a large reduction is split into: 8 blocks of 256 threads per SM, a full SM (2048
+#: threads) on every SM at once.
+REDUCTION_BLOCKS = 8 * REDUCTION_SMS
+#: Values per block below which splitting a channel further costs more (one more block's
+#: start, its shuffle tree, one more partial) than it gains.
+REDUCTION_MIN_VALUES = 2048
+
+
+def reduction_grid(n: int, c: int, hw: int) -> tuple[int, int]:
+    """``(chunks, threads)`` for a per-channel reduction of ``(n, c, hw)`` data (common.cuh):
+    the stage-1 grid is (channel blocks) x ``chunks``, each block reducing one of ``chunks``
+    equal pieces of its channel(s)' values into one partial sum per channel, and a second
+    launch adds each channel's partials when ``chunks > 1``.
+
+    * ``hw > 1``: one channel per block, ``c`` channel blocks of ``threads`` threads (256, or
+      fewer warps when a channel has fewer than 256 values); a chunk is a range of the
+      channel's ``n * hw`` values.
+    * ``hw == 1`` ((N, C) data): 32 x 8 blocks of 32 neighbouring channels, ``ceil(c / 32)``
+      channel blocks; a chunk is a range of the ``n`` rows. ``threads`` is 256.
+
+    ``chunks`` is the smaller of
+    ``ceil(REDUCTION_BLOCKS / channel blocks)`` (no more blocks than it takes to fill the GPU)
+    and ``ceil(values per channel block / REDUCTION_MIN_VALUES)`` (the blocks of a split
+    channel average more than ``REDUCTION_MIN_VALUES / 2`` values each), and at least 1.
+    So every tensor of at least 2**20 elements gets at least 512 blocks (two per SM on a 132-SM
+    GPU is 264), whatever ``c`` is: the blocks number at least ``REDUCTION_BLOCKS`` (1056) or
+    at least ``n * c * hw / REDUCTION_MIN_VALUES``. Small tensors stay one launch of
+    one block per channel block."""
+    if min(n, c, hw) < 1:
+        raise ValueError(f"reduction_grid: expected n, c, hw >= 1, got {(n, c, hw)}")
+    if hw > 1:
+        across, values = c, n * hw
+        threads = min(256, 32 * -(-values // 32))
+    else:
+        across, values = -(-c // 32), n * min(c, 32)
+        threads = 256
+    chunks = max(1, min(-(-REDUCTION_BLOCKS // across), -(-values // REDUCTION_MIN_VALUES)))
+    return chunks, threads
+
+
 class KernelOps:
     """Operations that run gpunet's own kernels. A backend mixing this in provides
     ``xp``, ``empty(shape, dtype)`` (from :class:`gpunet.backends.Backend`) and
@@ -26,22 +70,65 @@ class KernelOps:
                args: Sequence[Any], shared_mem: int = 0) -> None:
         raise NotImplementedError
 
+    # -- per-channel reductions (kernels/batchnorm.cu, common.cuh) --------------------------
+    def _reduction_grid(self, n: int, c: int, hw: int) -> tuple[int, int]:
+        """:func:`reduction_grid`; a test may replace it on an instance to force a grid."""
+        return reduction_grid(n, c, hw)
+
+    def _channel_sums(self, kernel: str, finish: str, k: int, data: Sequence[Any],
+                      per_channel: Sequence[Any]) -> Any:
+        """``k`` per-channel sums of ``(N, C, ...)`` arrays ``data`` as a ``(k, C)`` array:
+        stage 1 is ``<kernel>_nchw`` or ``<kernel>_nc`` with arguments
+        ``(*data, *per_channel, N, C[, HW], partials)``, stage 2 ``finish`` when the grid has
+        more than one chunk (see :func:`reduction_grid`)."""
+        x = data[0]
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // (n * c) if x.size else 0
+        t = x.dtype
+        data = [self.xp.ascontiguousarray(a) for a in data]
+        out = self.empty((k, c), t)
+        if x.size == 0:
+            out[...] = 0
+            return out
+        if hw == 1 and c == 1:  # (N, 1): one contiguous channel, read as (1, 1, N)
+            n, hw = 1, n
+        chunks, threads = self._reduction_grid(n, c, hw)
+        partials = out if chunks == 1 else self.empty((k, c, chunks), t)
+        if hw == 1:
+            self.launch(f"{kernel}_nc", t, (-(-c // 32), chunks), (32, 8),
+                        (*data, *per_channel, np.int32(n), np.int32(c), partials))
+        else:
+            self.launch(f"{kernel}_nchw", t, (c, chunks), (threads,),
+                        (*data, *per_channel, np.int32(n), np.int32(c), np.int32(hw), partials))
+        if chunks > 1:
+            self.launch(finish, t, (-(-(k * c) // 8),), (32, 8),
+                        (partials, np.int32(k * c), np.int32(chunks), out))
+        return out
+
+    def channel_sum(self, x: Any) -> Any:
+        """Kernel version of :meth:`gpunet.backends.Backend.channel_sum` (``bn_sum_*``, then
+        ``bn_finish``): BatchNorm's first statistics pass, ``mean = channel_sum(x) / M``."""
+        return self._channel_sums("bn_sum", "bn_finish", 1, (x,), ())[0]
+
+    def channel_sq_dev(self, x: Any, mean: Any) -> Any:
+        """Kernel version of :meth:`gpunet.backends.Backend.channel_sq_dev`
+        (``bn_sq_dev_*``): BatchNorm's second pass, ``var = channel_sq_dev(x, mean) / M``.
+        Two passes over x rather than one of sum and sum of squares, whose difference loses
+        every digit when the mean is large against the spread."""
+        mean = self.xp.ascontiguousarray(mean, dtype=x.dtype)
+        return self._channel_sums("bn_sq_dev", "bn_finish", 1, (x,), (mean,))[0]
+
     def batchnorm_backward(self, dy: Any, x: Any, mean: Any, invstd: Any,
                            gamma: Any, across: Any = None) -> tuple[Any, Any, Any]:
-        """Kernel version of :meth:`gpunet.backends.Backend.batchnorm_backward`: one pass of
-        per-channel reductions, then one fused elementwise pass for ``dx``."""
+        """Kernel version of :meth:`gpunet.backends.Backend.batchnorm_backward`: both
+        per-channel sums in one reduction (``bn_reduce_*``, then ``bn_finish``), then one
+        fused elementwise pass for ``dx`` (``bn_backward_dx``)."""
         t = x.dtype
         n, c = x.shape[0], x.shape[1]
         hw = x.size // (n * c)
         dy, x = self.xp.ascontiguousarray(dy), self.xp.ascontiguousarray(x)
-        sum_dy, sum_dy_xhat = self.empty((c,), t), self.empty((c,), t)
-        if hw == 1:
-            self.launch("bn_reduce_nc", t, (-(-c // 32),), (32, 8),
-                        (dy, x, mean, invstd, np.int32(n), np.int32(c), sum_dy, sum_dy_xhat))
-        else:
-            self.launch("bn_reduce_nchw", t, (c,), (256,),
-                        (dy, x, mean, invstd, np.int32(n), np.int32(c), np.int32(hw),
-                         sum_dy, sum_dy_xhat))
+        sums = self._channel_sums("bn_reduce", "bn_finish", 2, (dy, x), (mean, invstd))
+        sum_dy, sum_dy_xhat = sums[0], sums[1]
         dgamma, dbeta, count = sum_dy_xhat, sum_dy, n * hw
         if across is not None:  # synchronised statistics: dx takes every process's sums
             sum_dy, sum_dy_xhat = sum_dy.copy(), sum_dy_xhat.copy()
@@ -91,13 +178,25 @@ class KernelOps:
         return dx
 
     def conv_bias_grad(self, dy: Any) -> Any:
-        """Kernel version of :meth:`gpunet.backends.Backend.conv_bias_grad`: one block of 256
-        threads per output channel (``conv_bias_grad``)."""
+        """Kernel version of :meth:`gpunet.backends.Backend.conv_bias_grad`: the per-channel
+        reduction of common.cuh (``conv_bias_grad`` on a (O, chunks) grid, then
+        ``conv_bias_grad_finish`` when chunks > 1; see :func:`reduction_grid`). A 1 x 1 output
+        is (N, O) data, summed by :meth:`channel_sum`'s row-wise kernel."""
         n, o = dy.shape[:2]
+        if dy.size == 0:
+            return self.xp.zeros((o,), dy.dtype)
+        hw = dy.size // (n * o)
+        if hw == 1:
+            return self.channel_sum(dy.reshape(n, o))
         dy = self.xp.ascontiguousarray(dy)
+        chunks, threads = self._reduction_grid(n, o, hw)
         dbias = self.empty((o,), dy.dtype)
-        self.launch("conv_bias_grad", dy.dtype, (o,), (256,),
-                    (dy, np.int32(n), np.int32(o), np.int32(dy.size // (n * o)), dbias))
+        partials = dbias if chunks == 1 else self.empty((o, chunks), dy.dtype)
+        self.launch("conv_bias_grad", dy.dtype, (o, chunks), (threads,),
+                    (dy, np.int32(n), np.int32(o), np.int32(hw), partials))
+        if chunks > 1:
+            self.launch("conv_bias_grad_finish", dy.dtype, (-(-o // 8),), (32, 8),
+                        (partials, np.int32(o), np.int32(chunks), dbias))
         return dbias
 
     def maxpool2d(self, x: Any, kernel: Sequence[int], stride: Sequence[int],
