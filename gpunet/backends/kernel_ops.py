@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import numpy as np
 
 
-
 def _blocks(total: int, threads: int, cap: int = 1024) -> int:
     """Blocks for a grid-stride loop over ``total`` items: enough to fill a GPU, no more."""
     return max(1, min(-(-total // threads), cap))
