@@ -72,3 +72,16 @@ def open_device(spec: str):
     if spec == "cuda" and not backends._cuda_available():
         pytest.skip("no CUDA device visible (CuPy missing or no GPU)")
     yield gpunet.device(spec)
+
+
+def recorded_launches(dev, run=True):
+    """Wrap ``dev.launch`` to record (kernel, grid, block) of every launch; with ``run=False``
+    nothing runs (the grids of big tensors, asserted without emulating them)."""
+    launches, real = [], dev.launch
+
+    def launch(kernel, dtype, grid, block, args, shared_mem=0):
+        launches.append((kernel, tuple(grid), tuple(block)))
+        if run:
+            real(kernel, dtype, grid, block, args, shared_mem)
+    dev.launch = launch
+    return launches

@@ -9,7 +9,10 @@ import pytest
 
 import gpunet
 from gpunet import ShapeError, gradcheck
+from gpunet.backends import Backend, EmulatedBackend
+from gpunet.backends.kernel_ops import REDUCTION_MIN_VALUES, REDUCTION_SMS, reduction_grid
 from gpunet.layers import BatchNorm, Dense, Sequential
+from helpers import recorded_launches
 
 R = np.random.default_rng(5)
 
@@ -139,25 +142,9 @@ def test_backward_kernels_match_the_generic_code(shape, order, dtype, tol):
 # -- the per-channel reductions: grids, results, determinism -----------------------------------
 # Every sum (forward statistics, backward sums, conv bias gradient) is the two-stage reduction
 # of kernels/common.cuh on the grid kernel_ops.reduction_grid chooses.
-from gpunet.backends import Backend, EmulatedBackend  # noqa: E402
-from gpunet.backends.kernel_ops import (REDUCTION_MIN_VALUES, REDUCTION_SMS,  # noqa: E402
-                                        reduction_grid)
 
 GENERIC = Backend(np, "generic")  # the NumPy reference code, without the CPU device's threads
 STAGE_2 = {"bn_finish", "conv_bias_grad_finish"}
-
-
-def recorded_launches(dev, run=True):
-    """Wrap ``dev.launch`` to record (kernel, grid, block) of every launch; with ``run=False``
-    nothing runs (the grids of big tensors, asserted without emulating them)."""
-    launches, real = [], dev.launch
-
-    def launch(kernel, dtype, grid, block, args, shared_mem=0):
-        launches.append((kernel, tuple(grid), tuple(block)))
-        if run:
-            real(kernel, dtype, grid, block, args, shared_mem)
-    dev.launch = launch
-    return launches
 
 
 def blocks(grid):

@@ -11,7 +11,7 @@ import gpunet
 from gpunet import DTypeError, ShapeError, StateError, gradcheck
 from gpunet.backends import Backend, CpuBackend, EmulatedBackend
 from gpunet.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
-from helpers import assert_refused, train_command
+from helpers import assert_refused, recorded_launches, train_command
 
 R = np.random.default_rng(17)
 
@@ -144,18 +144,6 @@ def test_conv_kernels_match_the_generic_code(shape, kernel, stride, padding, ord
     dy = R.normal(size=(shape[0], 5, 7, 11)).astype(dtype)  # N * HW = 77 or 231 per channel
     np.testing.assert_allclose(emu.conv_bias_grad(dy), dy.astype(np.float64).sum(axis=(0, 2, 3)),
                                rtol=tol, atol=tol)
-
-
-def recorded_launches(dev, run=True):
-    """Record (kernel, grid, block) of every launch on ``dev``; ``run=False`` runs nothing."""
-    launches, real = [], dev.launch
-
-    def launch(kernel, dtype, grid, block, args, shared_mem=0):
-        launches.append((kernel, tuple(grid), tuple(block)))
-        if run:
-            real(kernel, dtype, grid, block, args, shared_mem)
-    dev.launch = launch
-    return launches
 
 
 @pytest.mark.parametrize("shape, want", [
