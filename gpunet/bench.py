@@ -4,8 +4,17 @@ Each workload builds the same model in gpunet and, when PyTorch is installed, in
 the same float32 data. One training step is forward, backward and an SGD-with-momentum update;
 inference is one forward pass in eval mode. After warm-up the two frameworks alternate step by
 step, so drifts of the machine (clock, other load) hit both alike. Peak memory is measured in a
-fresh subprocess per framework and workload: the peak resident set during training steps over
-the process's size before the model was built (Linux only).
+fresh subprocess per framework and workload: on the CPU, the peak resident set during training
+steps over the process's size before the model was built (Linux only); on a GPU, device memory:
+for gpunet the bytes CuPy's memory pool holds after the steps (its free blocks released after a
+first step, so what it holds is what the steps needed at most), for PyTorch
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (its caching allocator's
+``max_memory_reserved``, the pool's counterpart, is recorded too).
+
+On a GPU (``--device cuda`` or ``cuda:N``) PyTorch runs on the same GPU,
+``torch.device("cuda", N)``, with its defaults (cuDNN enabled, ``cudnn.benchmark`` off), and
+each timed step starts and ends with a synchronisation of that device, so a step's time is its
+GPU work too. A PyTorch without CUDA is left out, with the reason in the results.
 
 The scaling sweep (``--sweep``, implied by ``--plot``) times training steps of the same
 workloads at other shapes: the LSTM over sequence length and over batch size, the conv workload
@@ -170,6 +179,31 @@ def _data(w: Workload, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, g.integers(0, w.classes, w.x_shape[0]).astype(np.int64)
 
 
+def cuda_index(device: str) -> int | None:
+    """The GPU that gpunet's ``device`` names: N for ``cuda:N``, 0 for ``cuda``; None for a
+    device that is no GPU (``cpu``, ``emulated``). ``auto`` is resolved as gpunet resolves it."""
+    spec = device.strip().lower()
+    if spec in ("auto", ""):
+        dev = gpunet.device(spec or "auto")
+        return getattr(dev, "index", None) if dev.type == "cuda" else None
+    if spec == "cuda":
+        return 0
+    if spec.startswith("cuda:"):
+        try:
+            return int(spec[5:])
+        except ValueError:
+            raise gpunet.DeviceError(f"expected a device 'cuda:N' with N an integer, "
+                                     f"got {device!r}") from None
+    return None
+
+
+def torch_device(torch: Any, device: str) -> Any:
+    """PyTorch's device for gpunet's ``device``: ``cuda:N`` is ``torch.device("cuda", N)``
+    (the same GPU, not PyTorch's current one), anything else PyTorch's CPU."""
+    index = cuda_index(device)
+    return torch.device("cpu") if index is None else torch.device("cuda", index)
+
+
 class _GpunetRunner:
     def __init__(self, w: Workload, device: str) -> None:
         self.dev = gpunet.device(device)
@@ -180,22 +214,25 @@ class _GpunetRunner:
         x, y = _data(w)
         self.x, self.y = gpunet.asarray(x, self.dev), gpunet.asarray(y, self.dev)
 
+    def sync(self) -> None:
+        self.dev.synchronize()
+
     def train_step(self) -> None:
         self.opt.zero_grad()
         self.loss.forward(self.model.forward(self.x, training=True), self.y)
         self.model.backward(self.loss.backward())
         self.opt.step()
-        self.dev.synchronize()
+        self.sync()
 
     def infer(self) -> None:
         self.model.forward(self.x, training=False)
-        self.dev.synchronize()
+        self.sync()
 
 
 class _TorchRunner:
     def __init__(self, w: Workload, device: str, torch: Any) -> None:
         self.torch = torch
-        self.dev = torch.device("cuda" if device.startswith("cuda") else "cpu")
+        self.dev = torch_device(torch, device)
         torch.manual_seed(0)
         self.model = w.torch_model(torch).to(self.dev)
         self.loss = torch.nn.CrossEntropyLoss() if w.classes else torch.nn.MSELoss()
@@ -203,25 +240,28 @@ class _TorchRunner:
         x, y = _data(w)
         self.x, self.y = torch.from_numpy(x).to(self.dev), torch.from_numpy(y).to(self.dev)
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         if self.dev.type == "cuda":
-            self.torch.cuda.synchronize()
+            self.torch.cuda.synchronize(self.dev)
 
     def train_step(self) -> None:
         self.model.train()
         self.opt.zero_grad(set_to_none=False)
         self.loss(self.model(self.x), self.y).backward()
         self.opt.step()
-        self._sync()
+        self.sync()
 
     def infer(self) -> None:
         self.model.eval()
         with self.torch.no_grad():
             self.model(self.x)
-        self._sync()
+        self.sync()
 
 
-def _timed(fn: Callable[[], None]) -> float:
+def _timed(fn: Callable[[], None], sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds of ``fn()``, which ends with ``sync()``; ``sync()`` before the clock starts too,
+    so that no earlier work on the device is counted."""
+    sync()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -240,17 +280,43 @@ def _import_torch() -> Any:
     return torch
 
 
-def _runners(w: Workload, device: str, threads: int | None) -> dict[str, Any]:
-    if getattr(gpunet.device(device), "standin", False):
+#: What every figure measured on the CuPy stand-in is labelled with.
+STANDIN_LABEL = ("CuPy stand-in (tests/cupy_standin), not a GPU: this figure means nothing "
+                 "(kernels run on the CPU emulator, arrays are NumPy's)")
+
+
+def _is_standin(device: str) -> bool:
+    return bool(getattr(gpunet.device(device), "standin", False))
+
+
+def torch_skipped(torch: Any, device: str, standin: bool = False) -> str | None:
+    """Why PyTorch is not run next to gpunet on ``device``, or None when it is."""
+    if torch is None:
+        return "PyTorch is not installed"
+    if standin:
+        return "the CuPy stand-in has no GPU for PyTorch to run on"
+    if cuda_index(device) is not None and not torch.cuda.is_available():
+        return f"this PyTorch ({torch.__version__}) has no CUDA"
+    return None
+
+
+def _runners(w: Workload, device: str, threads: int | None,
+             allow_standin: bool = False) -> tuple[dict[str, Any], str | None]:
+    """The frameworks to time on ``device`` and, when PyTorch is left out, why. The CuPy
+    stand-in is refused unless ``allow_standin`` (``scripts/gpu_check.py --stand-in``, which
+    runs the benchmark end to end before a GPU is seen and labels every figure)."""
+    standin = _is_standin(device)
+    if standin and not allow_standin:
         raise gpunet.DeviceError(f"gpunet bench: {gpunet.device(device).label} is the test "
                                  "suite's CuPy stand-in, not a GPU: its timings mean nothing")
     torch = _import_torch()
     runners: dict[str, Any] = {"gpunet": _GpunetRunner(w, device)}
-    if torch is not None:
+    skipped = torch_skipped(torch, device, standin)
+    if skipped is None:
         if threads:
             torch.set_num_threads(threads)
         runners["torch"] = _TorchRunner(w, device, torch)
-    return runners
+    return runners, skipped
 
 
 def _alternate(runners: dict[str, Any], steps: int, warmup: int,
@@ -266,31 +332,53 @@ def _alternate(runners: dict[str, Any], steps: int, warmup: int,
     for _ in range(steps):
         for k, r in runners.items():
             for phase in phases:
-                times[k][phase].append(_timed(getattr(r, phase)))
+                times[k][phase].append(_timed(getattr(r, phase), r.sync))
     return times
 
 
+def peak_method(framework: str, device: str) -> str:
+    """How ``peak_memory`` measures ``framework`` on ``device``."""
+    if cuda_index(device) is None:
+        return "resident-set growth (VmHWM over VmRSS before the model)"
+    if framework == "torch":
+        return "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+    return "CuPy memory pool: total_bytes after the steps, free_all_blocks before them"
+
+
 def measure(name: str, device: str = "cpu", steps: int = 30, warmup: int = 5,
-            threads: int | None = None) -> dict[str, Any]:
-    """Time ``steps`` alternating training steps and inference passes of both frameworks."""
-    w = WORKLOADS[name]
-    runners = _runners(w, device, threads)
+            threads: int | None = None, *, batch: int | None = None, seq: int | None = None,
+            allow_standin: bool = False) -> dict[str, Any]:
+    """Time ``steps`` alternating training steps and inference passes of both frameworks,
+    on workload ``name`` at its shapes in ``WORKLOADS`` or with ``batch`` (and ``seq``) in
+    their place. ``allow_standin``: see :func:`_runners`; the result then says
+    ``"standin": true`` and carries :data:`STANDIN_LABEL`."""
+    w = WORKLOADS[name] if batch is None and seq is None else workload(name, batch, seq)
+    runners, skipped = _runners(w, device, threads, allow_standin)
     times = _alternate(runners, steps, warmup, ("train_step", "infer"))
     result: dict[str, Any] = {"workload": name, "description": w.description, "device": device}
+    if _is_standin(device):
+        result.update(standin=True, label=STANDIN_LABEL)
+    if skipped:
+        result["torch_skipped"] = skipped
+    shapes = {} if batch is None and seq is None else {"batch": batch, "seq": seq}
     for k in runners:
         result[k] = {"train": _stats(times[k]["train_step"]), "infer": _stats(times[k]["infer"]),
-                     "peak_mb": peak_memory(name, k, device)}
+                     **peak_memory(name, k, device, **shapes),
+                     "peak_method": peak_method(k, device)}
     if "torch" in runners:
         result["ratio_train"] = (result["gpunet"]["train"]["median_ms"]
                                  / result["torch"]["train"]["median_ms"])
         result["ratio_infer"] = (result["gpunet"]["infer"]["median_ms"]
                                  / result["torch"]["infer"]["median_ms"])
         result["ratio_memory"] = result["gpunet"]["peak_mb"] / max(result["torch"]["peak_mb"], 1e-9)
+        if "reserved_peak_mb" in result["torch"]:  # a GPU: pool held against pool held
+            result["ratio_memory_reserved"] = (result["gpunet"]["peak_mb"]
+                                               / max(result["torch"]["reserved_peak_mb"], 1e-9))
     return result
 
 
 def sweep(device: str = "cpu", steps: int = 5, warmup: int = 2,
-          threads: int | None = None) -> list[dict[str, Any]]:
+          threads: int | None = None, *, allow_standin: bool = False) -> list[dict[str, Any]]:
     """Training-step time of both frameworks at every size of every sweep in ``SWEEPS``: one
     row per size, with the stats of ``steps`` alternating training steps after ``warmup``
     untimed ones (no inference, no peak memory), and gpunet/PyTorch median ratio when PyTorch
@@ -299,10 +387,12 @@ def sweep(device: str = "cpu", steps: int = 5, warmup: int = 2,
     for label, s in SWEEPS.items():
         for size in s.sizes:
             w = workload(s.workload, **{s.param: size})
-            runners = _runners(w, device, threads)
+            runners, skipped = _runners(w, device, threads, allow_standin)
             times = _alternate(runners, steps, warmup, ("train_step",))
             row: dict[str, Any] = {"sweep": label, "workload": s.workload, "param": s.param,
                                    "size": size, "description": w.description, "device": device}
+            if _is_standin(device):
+                row.update(standin=True, label=STANDIN_LABEL)
             for k in runners:
                 row[k] = _stats(times[k]["train_step"])
             if "torch" in runners:
@@ -319,13 +409,58 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _peak_child(name: str, framework: str, device: str) -> None:
-    """In a fresh process: the peak resident memory of training steps over what the process
-    held before the model was built (libraries loaded and their first GEMM done), so both
-    frameworks are charged for weights, optimizer state, activations and temporaries, and
-    neither for its library's own start-up."""
-    w = WORKLOADS[name]
+_MB = 1024 * 1024
+
+
+def _gpu_peak_gpunet(w: Workload, device: str, steps: int = 5) -> dict[str, float]:
+    """Device memory of gpunet's training steps: what CuPy's memory pool holds after
+    ``steps`` steps (its free blocks released after a first one, so it then held only live
+    arrays: the pool grows only as far as the steps need), over what it held in use before
+    the model was built."""
+    dev = gpunet.device(device)
+    pool = dev.xp.get_default_memory_pool()
+    with dev.scope():  # the pool answers for the current device
+        base = pool.used_bytes()
+    runner = _GpunetRunner(w, device)
+    runner.train_step()
+    with dev.scope():
+        pool.free_all_blocks()
+    for _ in range(steps):
+        runner.train_step()
+    with dev.scope():
+        held, used = pool.total_bytes(), pool.used_bytes()
+    return {"peak_mb": max(held - base, 0) / _MB, "pool_used_after_mb": (used - base) / _MB}
+
+
+def _gpu_peak_torch(w: Workload, device: str, torch: Any, steps: int = 5) -> dict[str, float]:
+    """Device memory of PyTorch's training steps on the same GPU: the peak of its
+    allocations during ``steps`` steps (peak statistics reset after a first step) over what
+    was allocated before the model was built; the peak its caching allocator reserved, too."""
+    dev = torch_device(torch, device)
+    base = torch.cuda.memory_allocated(dev)
+    runner = _TorchRunner(w, device, torch)
+    runner.train_step()
+    torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(steps):
+        runner.train_step()
+    return {"peak_mb": max(torch.cuda.max_memory_allocated(dev) - base, 0) / _MB,
+            "reserved_peak_mb": torch.cuda.max_memory_reserved(dev) / _MB}
+
+
+def _peak_child(name: str, framework: str, device: str, batch: int | None = None,
+                seq: int | None = None) -> None:
+    """In a fresh process: the peak memory of training steps over what the process held
+    before the model was built, so both frameworks are charged for weights, optimizer state,
+    activations and temporaries, and neither for its library's own start-up. On the CPU the
+    resident set (libraries loaded and their first GEMM done before the baseline); on a GPU
+    device memory (:func:`_gpu_peak_gpunet`, :func:`_gpu_peak_torch`)."""
+    w = WORKLOADS[name] if batch is None and seq is None else workload(name, batch, seq)
     torch = _import_torch() if framework == "torch" else None
+    if cuda_index(device) is not None:
+        peak = (_gpu_peak_torch(w, device, torch) if torch is not None
+                else _gpu_peak_gpunet(w, device))
+        print(json.dumps(peak))
+        return
     a = np.ones((64, 64), np.float32)
     (torch.from_numpy(a) @ torch.from_numpy(a)) if torch is not None else a @ a
     base = _status_mb("VmRSS")
@@ -338,16 +473,23 @@ def _peak_child(name: str, framework: str, device: str) -> None:
     print(json.dumps({"peak_mb": max(_status_mb("VmHWM") - base, 0.0)}))
 
 
-def peak_memory(name: str, framework: str, device: str) -> float:
-    """Peak resident-memory growth (MiB) of training steps, measured in a subprocess."""
+def peak_memory(name: str, framework: str, device: str, batch: int | None = None,
+                seq: int | None = None) -> dict[str, float]:
+    """Peak memory growth of training steps, measured in a subprocess: ``{"peak_mb": MiB}``,
+    resident memory on the CPU, device memory on a GPU (see :func:`peak_method`), where
+    PyTorch adds ``reserved_peak_mb`` and gpunet ``pool_used_after_mb``."""
     code = (f"from gpunet.bench import _peak_child; "
-            f"_peak_child({name!r}, {framework!r}, {device!r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+            f"_peak_child({name!r}, {framework!r}, {device!r}, {batch!r}, {seq!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"gpunet bench: measuring the peak memory of {framework} on {name} "
+                           f"failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def environment() -> dict[str, Any]:
-    """The machine, the versions, the command line and the frameworks' thread settings."""
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """The machine, the versions, the command line and the frameworks' thread settings; on a
+    GPU also the GPU, CuPy, the CUDA runtime and driver, and PyTorch's CUDA and cuDNN."""
     torch = _import_torch()
     env = {"date": str(date.today()), "machine": platform.machine(), "cpus": os.cpu_count(),
            "cpu": _cpu_name(), "python": platform.python_version(), "numpy": np.__version__,
@@ -359,6 +501,21 @@ def environment() -> dict[str, Any]:
            "idle_threads": {k: os.environ.get(k) for k in _IDLE_VARS}}
     if torch is not None:
         env["torch_threads"] = torch.get_num_threads()
+    index = cuda_index(device)
+    if index is not None:
+        dev = gpunet.device(f"cuda:{index}")
+        cupy = dev.xp
+        runtime = cupy.cuda.runtime
+        name = runtime.getDeviceProperties(index)["name"]
+        env.update(device=dev.label, gpu=name.decode() if isinstance(name, bytes) else name,
+                   cupy=cupy.__version__, cuda_runtime=runtime.runtimeGetVersion(),
+                   cuda_driver=runtime.driverGetVersion(), standin=bool(dev.standin))
+        if torch is not None:
+            cudnn = torch.backends.cudnn
+            env.update(torch_cuda=torch.version.cuda,
+                       torch_cuda_available=torch.cuda.is_available(),
+                       cudnn=cudnn.version() if cudnn.is_available() else None,
+                       cudnn_enabled=cudnn.enabled, cudnn_benchmark=cudnn.benchmark)
     return env
 
 
@@ -380,11 +537,14 @@ def _spread(stats: dict[str, float]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [f"{'workload':<8} {'gpunet train ms (min-max)':>26} {'torch train ms':>15} "
              f"{'ratio':>6} {'infer ratio':>11} {'peak MiB g/t':>14} {'mem ratio':>9}"]
+    if any(r.get("standin") for r in results):
+        lines.insert(0, f"# {STANDIN_LABEL}")
     for r in results:
         g, t = r["gpunet"], r.get("torch")
         gt = _spread(g["train"])
         if t is None:
-            lines.append(f"{r['workload']:<8} {gt:>26} {'(no torch)':>15}")
+            lines.append(f"{r['workload']:<8} {gt:>26} {'(no torch)':>15}  "
+                         f"{r.get('torch_skipped', '')}")
             continue
         lines.append(f"{r['workload']:<8} {gt:>26} {t['train']['median_ms']:>15.2f} "
                      f"{r['ratio_train']:>6.2f} {r['ratio_infer']:>11.2f} "
@@ -396,6 +556,8 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
     """The rows of ``sweep`` as a text table: median (min-max) ms per training step."""
     lines = [f"{'sweep':<10} {'size':>5} {'gpunet train ms (min-max)':>26} {'torch train ms':>15} "
              f"{'ratio':>6}"]
+    if any(r.get("standin") for r in rows):
+        lines.insert(0, f"# {STANDIN_LABEL}")
     for r in rows:
         g, t = r["gpunet"], r.get("torch")
         gt = _spread(g)
@@ -433,7 +595,10 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[st
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     fig.suptitle(f"gpunet {env['gpunet']} vs PyTorch {env['torch'] or '(not installed)'}: "
-                 f"{env['cpu']}, {env['cpus']} cpus, device {results[0]['device']}, "
+                 + (f"GPU {env['gpu']}, " if env.get("gpu") else "")
+                 + ("CuPy STAND-IN, NOT A GPU: numbers mean nothing, " if env.get("standin")
+                    else "")
+                 + f"{env['cpu']}, {env['cpus']} cpus, device {results[0]['device']}, "
                  f"BLAS threads {env['blas_threads'] or 'default'}, torch threads "
                  f"{env.get('torch_threads', '-')}, idle threads "
                  f"{'passive' if env.get('idle_threads', {}).get('OMP_WAIT_POLICY') else 'default'}"
@@ -534,15 +699,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="gpunet bench", description=__doc__.split("\n\n")[0],
         epilog="Training step: forward, backward, SGD-with-momentum update; the frameworks "
-               "alternate step by step. Peak memory: resident-set growth during training "
-               "steps, in a fresh subprocess (Linux). Without --threads each library uses its "
-               "own default number of threads. On the CPU the command re-runs itself with "
+               "alternate step by step. Peak memory, in a fresh subprocess per framework: on "
+               "the CPU resident-set growth during training steps (Linux); on a GPU device "
+               "memory, for gpunet what CuPy's memory pool holds after the steps, for PyTorch "
+               "torch.cuda.max_memory_allocated. On a GPU PyTorch runs on the same GPU (cuda:N "
+               "is torch.device('cuda', N)) with cuDNN at its defaults, and every timed step "
+               "starts and ends with a device synchronisation. The test suite's CuPy stand-in "
+               "is refused. Without --threads each library uses its own default number of "
+               "threads. On the CPU the command re-runs itself with "
                "OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 unless they are set, so "
                "the idle threads of the framework not being timed sleep instead of spinning "
                "on the cores the timed one uses. The sweep adds about a minute on an idle "
                "2-core CPU.")
     p.add_argument("workloads", nargs="*", help=f"default: all ({', '.join(WORKLOADS)})")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N (a GPU, PyTorch on the same one), "
+                        "emulated or auto")
     p.add_argument("--steps", type=int, default=30, metavar="N",
                    help="timed steps per workload after 5 warm-up steps (default 30)")
     p.add_argument("--threads", type=int, metavar="N",
@@ -575,12 +747,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
     if args.device == "cpu":
         _reexec(args.threads, argv)
-    results = [measure(n, args.device, args.steps, threads=args.threads) for n in names]
-    rows = (sweep(args.device, args.sweep_steps, threads=args.threads)
-            if args.sweep or args.plot else [])
-    env = environment()
+    try:
+        results = [measure(n, args.device, args.steps, threads=args.threads) for n in names]
+        rows = (sweep(args.device, args.sweep_steps, threads=args.threads)
+                if args.sweep or args.plot else [])
+    except gpunet.DeviceError as e:
+        print(e if str(e).startswith("gpunet bench") else f"gpunet bench: {e}", file=sys.stderr)
+        return 2
+    env = environment(args.device)
+    gpu = (f", GPU {env['gpu']} (CuPy {env['cupy']}, torch CUDA {env.get('torch_cuda')}, "
+           f"cuDNN {env.get('cudnn')})" if "gpu" in env else "")
     print(f"# {env['date']} {env['cpu']} ({env['cpus']} cpus), numpy {env['numpy']}, "
-          f"torch {env['torch']}, device {args.device}, BLAS threads "
+          f"torch {env['torch']}, device {args.device}{gpu}, BLAS threads "
           f"{env['blas_threads'] or 'default'}, torch threads {env.get('torch_threads', '-')}")
     print(table(results))
     if rows:

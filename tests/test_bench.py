@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+import gpunet
 from gpunet import bench
 from gpunet.cli import main
+from standin import standin_env
 
 # a sweep of the real workloads at shapes small enough to take a second
 TINY_SWEEPS = {"lstm-seq": bench.Sweep("lstm", "seq", (2, 4), "LSTM over sequence length"),
@@ -44,7 +48,8 @@ def test_workload_shapes_are_parameters_of_one_definition():
 
 def test_sweep_has_one_row_per_size_in_table_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "SWEEPS", TINY_SWEEPS)
-    monkeypatch.setattr(bench, "peak_memory", lambda *a: 1.0)  # its own test is above
+    monkeypatch.setattr(bench, "peak_memory",  # its own test is above
+                        lambda *a, **k: {"peak_mb": 1.0})
     rows = bench.sweep(steps=2, warmup=1)
     assert [(r["sweep"], r["size"]) for r in rows] == [
         ("lstm-seq", 2), ("lstm-seq", 4), ("bn-batch", 2), ("bn-batch", 4)]
@@ -63,7 +68,7 @@ def test_sweep_has_one_row_per_size_in_table_and_json(tmp_path, monkeypatch, cap
 def test_plot_writes_a_png(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(bench, "SWEEPS", TINY_SWEEPS)
-    monkeypatch.setattr(bench, "peak_memory", lambda *a: 1.0)
+    monkeypatch.setattr(bench, "peak_memory", lambda *a, **k: {"peak_mb": 1.0})
     png = tmp_path / "b.png"
     assert main(["bench", "mlp", "--steps", "1", "--sweep-steps", "1", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -140,3 +145,136 @@ def test_threads_in_process_does_not_re_execute(monkeypatch, capsys):
         "train": {"median_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0}}})
     assert bench.main(["mlp", "--threads", "1"]) == 0
     assert "limits PyTorch only" in capsys.readouterr().err
+
+
+# -- GPUs: the same GPU in both frameworks, device memory, synchronised timing --------------
+class _FakeTorch:
+    """Just enough of ``torch`` for the device mapping: ``torch.device(type, index)``."""
+
+    def __init__(self, cuda_available: bool = True) -> None:
+        self.__version__ = "0.fake"
+        self.cuda = SimpleNamespace(is_available=lambda: cuda_available)
+
+    @staticmethod
+    def device(kind: str, index: int | None = None):
+        return SimpleNamespace(type=kind, index=index)
+
+
+@pytest.mark.parametrize("spec, want", [("cuda:1", ("cuda", 1)), ("cuda", ("cuda", 0)),
+                                        ("CUDA:3", ("cuda", 3)), ("cpu", ("cpu", None)),
+                                        ("emulated", ("cpu", None))])
+def test_each_gpunet_device_maps_to_the_same_device_in_pytorch(spec, want):
+    dev = bench.torch_device(_FakeTorch(), spec)
+    assert (dev.type, dev.index) == want
+    torch = bench._import_torch()
+    if torch is not None:  # the real constructor takes the same arguments, GPU or not
+        assert bench.torch_device(torch, spec) == torch.device(*[w for w in want if w is not None])
+
+
+def test_a_bad_gpu_index_is_a_device_error():
+    with pytest.raises(gpunet.DeviceError, match="cuda:N"):
+        bench.cuda_index("cuda:x")
+
+
+def test_pytorch_is_left_out_with_the_reason():
+    assert bench.torch_skipped(None, "cpu") == "PyTorch is not installed"
+    assert bench.torch_skipped(_FakeTorch(cuda_available=False), "cuda:0") == \
+        "this PyTorch (0.fake) has no CUDA"
+    assert bench.torch_skipped(_FakeTorch(cuda_available=False), "cpu") is None
+    assert bench.torch_skipped(_FakeTorch(), "cuda:1") is None
+    assert "stand-in" in bench.torch_skipped(_FakeTorch(), "cuda:1", standin=True)
+
+
+class _Recorder:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def sync(self) -> None:
+        self.log.append("sync")
+
+    def train_step(self) -> None:
+        self.log.append("step")
+        self.sync()  # as the runners end each step
+
+
+def test_each_timed_step_starts_and_ends_with_a_device_synchronisation():
+    log: list[str] = []
+    times = bench._alternate({"gpunet": _Recorder(log)}, steps=2, warmup=0,
+                             phases=("train_step",))
+    assert log == ["sync", "step", "sync"] * 2 and len(times["gpunet"]["train_step"]) == 2
+
+
+def test_pytorch_gpu_peak_is_max_memory_allocated_of_the_same_gpu(monkeypatch):
+    calls = []
+    allocated = iter([1 * 2**20, 0])  # before the model; unused after
+
+    def record(name, value=None):
+        def f(dev):
+            calls.append((name, dev.type, dev.index))
+            return value() if callable(value) else value
+        return f
+
+    torch = _FakeTorch()
+    torch.cuda = SimpleNamespace(
+        memory_allocated=record("memory_allocated", lambda: next(allocated)),
+        reset_peak_memory_stats=record("reset_peak_memory_stats"),
+        max_memory_allocated=record("max_memory_allocated", 65 * 2**20),
+        max_memory_reserved=record("max_memory_reserved", 96 * 2**20))
+
+    class Runner:
+        def __init__(self, w, device, torch_):
+            calls.append(("build", device))
+
+        def train_step(self):
+            calls.append(("step",))
+
+    monkeypatch.setattr(bench, "_TorchRunner", Runner)
+    peak = bench._gpu_peak_torch(bench.WORKLOADS["mlp"], "cuda:1", torch, steps=2)
+    assert peak == {"peak_mb": 64.0, "reserved_peak_mb": 96.0}
+    assert calls == [("memory_allocated", "cuda", 1), ("build", "cuda:1"), ("step",),
+                     ("reset_peak_memory_stats", "cuda", 1), ("step",), ("step",),
+                     ("max_memory_allocated", "cuda", 1), ("max_memory_reserved", "cuda", 1)]
+
+
+def test_gpunet_gpu_peak_is_what_cupys_pool_holds_on_that_gpu(standin):
+    w = bench.workload("mlp", batch=2)
+    peak = bench._gpu_peak_gpunet(w, "cuda:1")
+    params = (784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10) * 4 / 2**20
+    # weights, their gradients and SGD's momentum at least, then activations and temporaries
+    assert 3 * params < peak["peak_mb"] < 6 * params
+    assert 3 * params <= peak["pool_used_after_mb"] <= peak["peak_mb"]
+    pool = standin.get_default_memory_pool()
+    with standin.cuda.Device(0):
+        assert pool.total_bytes() == 0  # nothing landed on GPU 0
+
+
+def test_gpu_peak_memory_in_a_subprocess(monkeypatch):
+    env = standin_env()
+    for key in ("PYTHONPATH", "GPUNET_STANDIN_GPUS", "GPUNET_STANDIN_NCCL"):
+        monkeypatch.setenv(key, env[key])
+    peak = bench.peak_memory("lstm", "gpunet", "cuda:0", batch=2, seq=3)
+    assert peak["peak_mb"] > 0 and bench.peak_method("gpunet", "cuda:0").startswith("CuPy")
+    assert bench.peak_method("torch", "cuda:0").startswith("torch.cuda.max_memory_allocated")
+    assert bench.peak_method("gpunet", "cpu").startswith("resident-set")
+
+
+def test_users_are_refused_the_standin():
+    done = subprocess.run([sys.executable, "-m", "gpunet", "bench", "mlp", "--device", "cuda:0",
+                           "--steps", "1"], env=standin_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "CuPy stand-in, not a GPU" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_gpu_check_may_run_the_standin_and_every_figure_is_labelled(standin, monkeypatch):
+    with pytest.raises(gpunet.DeviceError, match="stand-in, not a GPU"):
+        bench.measure("mlp", "cuda:1", steps=1, warmup=0)
+    monkeypatch.setattr(bench, "peak_memory", lambda *a, **k: {"peak_mb": 1.0})
+    result = bench.measure("mlp", "cuda:1", steps=1, warmup=0, batch=2, allow_standin=True)
+    assert result["standin"] and result["label"] == bench.STANDIN_LABEL
+    assert "means nothing" in bench.STANDIN_LABEL
+    assert result["description"].startswith("batch 2,") and "torch" not in result
+    assert "stand-in" in result["torch_skipped"]
+    assert bench.table([result]).startswith(f"# {bench.STANDIN_LABEL}")
+    env = bench.environment("cuda:1")
+    assert env["standin"] and env["gpu"] == "gpunet CuPy stand-in (not a GPU)"

@@ -2,6 +2,7 @@
 fail. Each test installs a fresh stand-in with :func:`standin.standin_cupy`."""
 from __future__ import annotations
 
+import gc
 import operator
 import os
 import subprocess
@@ -270,6 +271,85 @@ def test_a_wait_on_a_blocked_stream_gives_up_after_the_limit(cp, monkeypatch):
         cp.ones(2).get()  # on the legacy default stream, which waits for every blocking one
     stream._unblock()
     assert cp.cuda.Stream.null.done
+
+
+def test_events_time_what_lies_between_them(cp):
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    time.sleep(0.02)
+    end.record()
+    end.synchronize()
+    assert 15 <= cp.cuda.get_elapsed_time(start, end) < 1000  # milliseconds
+    assert cp.cuda.get_elapsed_time is cp.cuda.stream.get_elapsed_time
+    untimed, never = cp.cuda.Event(disable_timing=True), cp.cuda.Event()
+    untimed.record()
+    for a, b in ((start, untimed), (never, end)):  # cudaEventElapsedTime's refusals
+        with pytest.raises(cp.cuda.runtime.CUDARuntimeError,
+                           match="cudaErrorInvalidResourceHandle"):
+            cp.cuda.get_elapsed_time(a, b)
+    stream = cp.cuda.Stream()
+    stream._block()
+    pending = stream.record()
+    with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="cudaErrorNotReady"):
+        cp.cuda.get_elapsed_time(start, pending)
+    stream._unblock()
+    assert cp.cuda.get_elapsed_time(start, pending) > 0
+
+
+# -- the default memory pool ----------------------------------------------------------------
+def test_the_memory_pool_counts_each_devices_arrays_in_512_byte_blocks(cp):
+    pool = cp.get_default_memory_pool()
+    assert pool is cp.get_default_memory_pool() and isinstance(pool, cp.cuda.MemoryPool)
+    a = cp.empty(1000, dtype=np.float32)  # 4000 bytes -> 4096
+    b = cp.ones(3)  # 24 -> 512
+    views = (a[::2], a.reshape(10, 100), b.T)  # no memory of their own
+    empty = cp.empty(0)  # none at all
+    assert (pool.used_bytes(), pool.total_bytes(), pool.free_bytes()) == (4608, 4608, 0)
+    with cp.cuda.Device(1):
+        assert pool.used_bytes() == 0
+        c = cp.zeros((10, 10))  # 800 -> 1024, on device 1
+        assert pool.used_bytes() == 1024
+    assert pool.used_bytes() == 4608
+    del a, b, c, views, empty
+
+
+def test_freed_blocks_stay_in_the_pool_until_free_all_blocks(cp):
+    pool = cp.get_default_memory_pool()
+    a = cp.empty(1024, dtype=np.float32)  # 4096 bytes
+    keep = cp.empty(10, dtype=np.float32)  # 512
+    del a  # back to the pool, which keeps it
+    assert (pool.used_bytes(), pool.total_bytes(), pool.n_free_blocks()) == (512, 4608, 1)
+    small = cp.empty(100, dtype=np.float32)  # 400 -> 512, split off the free 4096 block
+    assert (pool.used_bytes(), pool.total_bytes(), pool.n_free_blocks()) == (1024, 4608, 1)
+    pool.free_all_blocks()  # a split block is not released
+    assert pool.total_bytes() == 4608
+    del small  # merges back into one free 4096 block
+    assert pool.n_free_blocks() == 1
+    pool.free_all_blocks()
+    assert (pool.used_bytes(), pool.total_bytes(), pool.n_free_blocks()) == (512, 512, 0)
+    big = cp.empty(2048, dtype=np.float32)  # nothing free fits: new memory
+    assert pool.total_bytes() == 512 + 8192
+    del keep, big
+
+
+def test_the_pool_sees_gpunets_work_on_its_gpu_only(cp):
+    from gpunet.layers import Dense
+    pool = cp.get_default_memory_pool()
+    dev = gpunet.device("cuda:1")
+    layer = Dense(300, 200).to(dev)
+    with cp.cuda.Device(1):
+        weights = pool.used_bytes()
+        assert weights >= (300 * 200 + 200) * 4
+        x = np.ones((64, 300), np.float32)
+        y = layer.forward(gpunet.asarray(x, dev))
+        assert pool.used_bytes() >= weights + y.nbytes
+        del y
+        layer.forward(gpunet.asarray(x, dev))  # while the layer still holds the first input
+        gc.collect()
+        before = pool.total_bytes()
+        layer.forward(gpunet.asarray(x, dev))
+        assert pool.total_bytes() == before  # the same sizes again: reused, nothing new
+    assert pool.total_bytes() == 0  # GPU 0 untouched
 
 
 def test_array_at_gives_the_memory_behind_a_device_pointer(cp):

@@ -15,8 +15,10 @@ Modelled, after CuPy 13/14's source (each rule names its CuPy file where it is i
   stand-in (:mod:`cupy.cuda.stream`).
 
 Not modelled: CuPy's own kernels and numerics (results are NumPy's, with NumPy's type
-promotion, which can differ from CuPy's in corner cases), speed, memory pools and limits,
-asynchrony, peer access, CUDA graphs, ``cupyx``, ``cupy.random``/``linalg``/``fft``, and
+promotion, which can differ from CuPy's in corner cases), speed, memory limits (the
+default memory pool's accounting is modelled: :mod:`cupy.cuda.memory`),
+asynchrony, peer access, CUDA graphs, ``cupyx``, ``cupy.random`` beyond ``default_rng(seed).random``
+(:mod:`cupy.random`), ``linalg``/``fft``, and
 CuPy's wrap-around of out-of-bounds integer indices (NumPy raises). NumPy's read-only views
 (``broadcast_to``) stay read-only, where CuPy would let them be written.
 
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as _np
 
-from . import _standin, cuda, lib  # noqa: F401 (cupy._standin: the stand-in's controls)
+from . import _standin, cuda, lib, random  # noqa: F401 (cupy._standin: the stand-in's controls)
 from ._core import (array, asanyarray, asarray, asnumpy, copy, empty, empty_like, full_like,
                     get_array_module, ndarray, ones_like, ufunc, zeros_like)
 from ._raw import RawKernel, RawModule
@@ -40,7 +42,14 @@ newaxis = None
 
 __all__ = ["GPUNET_STANDIN", "RawKernel", "RawModule", "array", "asanyarray", "asarray",
            "asnumpy", "copy", "cuda", "empty", "empty_like", "full_like", "get_array_module",
-           "lib", "ndarray", "newaxis", "ones_like", "ufunc", "zeros_like"]
+           "get_default_memory_pool", "lib", "ndarray", "newaxis", "ones_like", "ufunc",
+           "zeros_like"]
+
+
+def get_default_memory_pool() -> cuda.MemoryPool:
+    """The memory pool every stand-in array is allocated from (CuPy's default allocator is
+    this pool's ``malloc``); see :mod:`cupy.cuda.memory` for what it models."""
+    return cuda.memory._default_pool
 
 
 def __getattr__(name: str) -> Any:

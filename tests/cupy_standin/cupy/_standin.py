@@ -90,6 +90,8 @@ def _count(name: str) -> None:
 # Every array the stand-in allocates is a NumPy array whose buffer stands for device memory.
 # The table maps each buffer's start address to (weak reference to the owning array, size in
 # bytes, device), so a raw pointer (``ndarray.data.ptr``) can be turned back into memory.
+# Each buffer also holds a block of the default memory pool of its device (``cupy.cuda.memory``)
+# until the owning array is collected.
 _allocations: dict[int, tuple[weakref.ref, int, int]] = {}
 
 
@@ -105,8 +107,15 @@ def _register(a: np.ndarray, device: int) -> np.ndarray:
     if owner.nbytes == 0:
         return a
     start = owner.ctypes.data
+    with _lock:
+        known = _allocations.get(start)
+    if known is not None and known[0]() is owner:
+        return a  # already device memory: taken from the pool once
+    from .cuda import memory
+    block = memory._allocate(device, owner.nbytes)  # the default memory pool's accounting
 
-    def forget(ref: weakref.ref, start: int = start) -> None:
+    def forget(ref: weakref.ref, start: int = start, block: Any = block) -> None:
+        memory._release(block)
         with _lock:
             if _allocations.get(start, (None,))[0] is ref:
                 del _allocations[start]

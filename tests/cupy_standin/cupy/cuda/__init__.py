@@ -2,12 +2,13 @@
 ``from cupy.cuda import nccl`` imports it (and fails where NCCL is missing)."""
 from __future__ import annotations
 
-from . import device, driver, runtime, stream
+from . import device, driver, memory, runtime, stream
 from .device import Device, get_device_id
-from .stream import Event, Stream, get_current_stream
+from .memory import MemoryPool
+from .stream import Event, Stream, get_current_stream, get_elapsed_time
 
-__all__ = ["Device", "Event", "Stream", "device", "driver", "get_current_stream",
-           "get_device_id", "is_available", "runtime", "stream"]
+__all__ = ["Device", "Event", "MemoryPool", "Stream", "device", "driver", "get_current_stream",
+           "get_device_id", "get_elapsed_time", "is_available", "memory", "runtime", "stream"]
 
 
 def is_available() -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import weakref
 from typing import Any, ClassVar, FrozenSet, Tuple
 
@@ -239,7 +240,10 @@ Stream.ptds = Stream(ptds=True)
 
 class Event:
     """A CUDA event. As in CuPy, ``done`` says whether the work before it has finished
-    (CuPy's Event has no ``query()``: ``runtime.eventQuery`` is behind ``done``)."""
+    (CuPy's Event has no ``query()``: ``runtime.eventQuery`` is behind ``done``). Unless made
+    with ``disable_timing=True`` it keeps the time it was recorded, for
+    :func:`get_elapsed_time`: the host's clock, since the stand-in's work runs when it is
+    issued (its times are the emulator's, not a GPU's)."""
 
     def __init__(self, block: bool = False, disable_timing: bool = False,
                  interprocess: bool = False) -> None:
@@ -247,6 +251,8 @@ class Event:
             raise ValueError("Timing must be disabled for interprocess events")
         self.ptr = next(_handles)
         self._dependencies: Dependencies = frozenset()
+        self._timing = not disable_timing
+        self._recorded_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -257,6 +263,21 @@ class Event:
         stream)."""
         stream = get_current_stream() if stream is None else stream
         self._dependencies = _dependencies(_queue(stream))
+        self._recorded_at = time.perf_counter()
 
     def synchronize(self) -> None:
         _wait(self._dependencies, "Event.synchronize()")
+
+
+def get_elapsed_time(start_event: Event, end_event: Event) -> float:
+    """Milliseconds from ``start_event`` to ``end_event`` (``cudaEventElapsedTime``): an
+    event never recorded or made with ``disable_timing=True`` raises
+    ``cudaErrorInvalidResourceHandle``, one whose work has not completed
+    ``cudaErrorNotReady``."""
+    for event in (start_event, end_event):
+        if not event._timing or event._recorded_at is None:
+            raise runtime.CUDARuntimeError(400)
+    for event in (start_event, end_event):
+        if not event.done:
+            raise runtime.CUDARuntimeError(600)
+    return (end_event._recorded_at - start_event._recorded_at) * 1e3
