@@ -1,8 +1,10 @@
 """Losses: a scalar from a prediction and a target, and its gradient with respect to the
 prediction.
 
-``loss.forward(pred, target)`` (or ``loss(pred, target)``) returns the loss as a Python float
-and keeps what ``loss.backward()`` needs; ``backward()`` returns ``dloss/dpred`` with the
+``loss.forward(pred, target)`` (or ``loss(pred, target)``) returns the loss as a 0-d array on
+``pred``'s device (a NumPy scalar on the host devices), as PyTorch returns a 0-d tensor, and
+keeps what ``loss.backward()`` needs. Reading it (``float(loss)``) waits for a GPU to finish
+the step: the user's choice, once in a while, not gpunet's on every step. ``backward()`` returns ``dloss/dpred`` with the
 shape, dtype and device of ``pred``, ready for ``model.backward``. Every loss is a sum of
 terms, one per position; ``reduction="mean"`` divides it by the number of positions,
 ``reduction="sum"`` keeps it.
@@ -44,6 +46,8 @@ class Loss:
                              f"got {reduction!r}")
         self.reduction = reduction
         self._saved: tuple[Array, Array] | None = None
+        # (any bad, first bad value) of targets checked on a GPU since the last check()
+        self._pending: tuple[Array, Array] | None = None
 
     @property
     def name(self) -> str:
@@ -52,14 +56,19 @@ class Loss:
     def __repr__(self) -> str:
         return f"{self.name}(reduction={self.reduction!r})"
 
-    def forward(self, pred: Array, target: Any) -> float:
-        """The loss of ``pred`` against ``target``, summed over positions or averaged."""
+    def forward(self, pred: Array, target: Any) -> Array:
+        """The loss of ``pred`` against ``target``, summed over positions or averaged: a 0-d
+        array on ``pred``'s device."""
         ops = self._check_pred(pred)
         with ops.scope():  # a loss has no device of its own: it works on the prediction's
             target = self._check_target(ops, pred, target)
             self._saved = (pred, target)
             total = ops.sum(self._terms(ops, pred, target))
-            return float(total / self.positions(pred) if self.reduction == "mean" else total)
+            if self.reduction == "mean":
+                total = total / self.positions(pred)
+            if self._pending is not None:  # a bad target not yet reported poisons the value
+                total = ops.where(self._pending[0], ops.xp.nan, total)
+            return total
 
     __call__ = forward
 
@@ -74,6 +83,35 @@ class Loss:
             dpred = self._dterms(ops, pred, target)
             self._saved = None  # the batch need not outlive its step
             return dpred / self.positions(pred) if self.reduction == "mean" else dpred
+
+    def check(self) -> None:
+        """Raise the error a target checked on a GPU deserved. There a check that reads the
+        target back (a label out of range) would make every step wait for the device, so the
+        check runs on the device, the loss becomes NaN and the error waits for this call (the
+        Trainer makes it when the loss turns out not to be finite). Free on the host devices,
+        where such errors are raised at once."""
+        if self._pending is None:
+            return
+        bad, value = self._pending
+        self._pending = None
+        if bool(bad):
+            raise self._target_error(value.item())
+
+    def _defer(self, ops: Backend, bad: Array, values: Array) -> None:
+        """Raise :meth:`_target_error` for the first of ``values`` where ``bad`` holds: now on
+        a host device, at :meth:`check` on a GPU (without reading anything back now)."""
+        if ops.on_host:
+            if bool(bad.any()):
+                raise self._target_error(values[bad].reshape(-1)[0].item())
+            return
+        any_bad, first = bad.any(), values.reshape(-1)[bad.reshape(-1).argmax()]
+        if self._pending is not None:  # keep the earliest
+            first = ops.where(self._pending[0], self._pending[1], first)
+            any_bad = any_bad | self._pending[0]
+        self._pending = (any_bad, first)
+
+    def _target_error(self, value: Any) -> Exception:
+        raise NotImplementedError
 
     def positions(self, pred: Array) -> int:
         """How many terms the loss adds up: every element of ``pred``, unless overridden."""
@@ -226,11 +264,13 @@ class SoftmaxCrossEntropy(Loss):
         if target.dtype.kind not in "iu":
             raise DTypeError(f"{self.name}: expected labels of shape {shape[:-1]} to be "
                              f"integers, got dtype {target.dtype}")
-        bad = (target < 0) | (target >= classes)
-        if bool(bad.any()):  # one host round trip per batch, to name the offending label
-            raise ValueError(f"{self.name}: expected labels in [0, {classes}), "
-                             f"got {int(target[bad][0])}")
-        return target
+        self._classes = classes
+        self._defer(ops, (target < 0) | (target >= classes), target)
+        # on a GPU a bad label is only flagged so far: keep the gather within the logits
+        return target if ops.on_host else ops.clip(target, 0, classes - 1)
+
+    def _target_error(self, value: Any) -> Exception:
+        return ValueError(f"{self.name}: expected labels in [0, {self._classes}), got {value}")
 
 
 class FocalLoss(Loss):
@@ -357,7 +397,7 @@ class DiceLoss(Loss):
         return grad if g is None else g * grad
 
 
-def dice(pred: Any, target: Any, threshold: float = 0.5) -> float | None:
+def dice(pred: Any, target: Any, threshold: float = 0.5) -> Array | None:
     """The mean Dice coefficient of a batch, a :class:`~gpunet.Trainer` metric: per sample,
     ``2 |P & Y| / (|P| + |Y|)`` with ``P = pred > threshold`` and ``Y = target > 0.5`` over
     all non-batch axes (1 where both are empty). None unless ``target`` is a float mask of
@@ -369,4 +409,4 @@ def dice(pred: Any, target: Any, threshold: float = 0.5) -> float | None:
     inter = (p & y).sum(axis=axes)
     total = p.sum(axis=axes) + y.sum(axis=axes)
     empty = total == 0
-    return float(((2 * inter + empty) / (total + empty)).mean())
+    return ((2 * inter + empty) / (total + empty)).mean()  # a 0-d array: read it when needed

@@ -332,20 +332,21 @@ def _grads(params: dict[str, Parameter] | Iterable[Parameter]) -> list[Array]:
 
 
 def clip_grad_norm(params: dict[str, Parameter] | Iterable[Parameter],
-                   max_norm: float) -> float:
+                   max_norm: float) -> Array:
     """Scale all gradients together, in place, so that their joint L2 norm is at most
-    ``max_norm`` (by ``max_norm / (norm + 1e-6)``, as torch); returns the norm before."""
+    ``max_norm``: by ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``.
+    Returns the norm before, a 0-d array on the gradients' device: computed and applied there,
+    so clipping never waits for a GPU (read the norm only if you need it)."""
     _positive("clip_grad_norm", "max_norm", max_norm)
     grads = _grads(params)
     if not grads:
         return 0.0
     ops = device_of(grads[0])
     with ops.scope():
-        norm = math.sqrt(sum(float(ops.sum(g * g)) for g in grads))
-        if norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for g in grads:
-                g *= scale
+        norm = ops.sqrt(sum(ops.sum(g * g) for g in grads))
+        scale = ops.xp.minimum(max_norm / (norm + 1e-6), 1.0)
+        for g in grads:
+            g *= scale
     return norm
 
 

@@ -154,8 +154,9 @@ def _run(layer: Layer, xs: list[np.ndarray], multi: bool, dy: np.ndarray, traini
          device: Backend, dtype: Any) -> tuple[Any, list[Any], dict[str, Any]]:
     layer.to(device, dtype)
     x = [asarray(a, device, dtype=dtype) for a in xs]
-    rng.seed(0)  # the same dropout draws on every device
-    y = layer.forward(x if multi else x[0], training)
+    rng.seed(0)  # the same dropout draws on every device: from the host stream
+    with rng.host_draws():
+        y = layer.forward(x if multi else x[0], training)
     dx = layer.backward(asarray(dy, device, dtype=dtype))
     return y, (dx if multi else [dx]), {k: p.grad for k, p in layer.params().items()}
 

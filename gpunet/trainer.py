@@ -21,15 +21,53 @@ from .optim import Optimizer, clip_grad_norm
 from .progress import ProgressBar
 from .serialize import load_checkpoint, save_checkpoint
 
-Metric = Callable[[Any, Any], float]
+#: ``metric(pred, target)``: a 0-d array on the prediction's device (or a float), or None
+#: when it does not apply to these targets.
+Metric = Callable[[Any, Any], Any]
 
 
-def accuracy(pred: Any, target: Any) -> float | None:
-    """Share of positions whose arg-max class equals an integer label; None for other targets
-    (regression, one-hot or soft targets)."""
+def accuracy(pred: Any, target: Any) -> Any:
+    """Share of positions whose arg-max class equals an integer label, as a 0-d array on the
+    prediction's device; None for other targets (regression, one-hot or soft targets)."""
     if target.dtype.kind not in "iu" or pred.ndim != target.ndim + 1:
         return None
-    return float((pred.argmax(axis=-1) == target).mean())
+    return (pred.argmax(axis=-1) == target).mean()
+
+
+class _Totals:
+    """Sums over the steps of an epoch (loss and metric, each weighted by its batch size),
+    kept on the device and read back in one copy when wanted: a GPU step then never waits for
+    the host to look at its loss."""
+
+    def __init__(self, device: Backend) -> None:
+        self.device = device
+        self.loss: Any = 0.0
+        self.metric: Any = 0.0
+        self.seen = self.metric_seen = 0
+
+    def add(self, loss: Any, metric: Any, n: int) -> None:
+        xp = self.device.xp
+        self.loss = self.loss + xp.asarray(loss, dtype=np.float64) * n
+        self.seen += n
+        if metric is not None:
+            self.metric = self.metric + xp.asarray(metric, dtype=np.float64) * n
+            self.metric_seen += n
+
+    def read(self) -> tuple[float, float]:
+        """``(loss sum, metric sum)``, one device-to-host copy (none once they are host
+        numbers)."""
+        if isinstance(self.loss, float) and isinstance(self.metric, float):
+            return self.loss, self.metric
+        xp = self.device.xp
+        both = xp.stack([xp.asarray(self.loss, dtype=np.float64),
+                         xp.asarray(self.metric, dtype=np.float64)])
+        loss, metric = to_numpy(both).tolist()
+        return loss, metric
+
+    def means(self) -> dict[str, float | None]:
+        loss, metric = self.read()
+        return {"loss": loss / max(self.seen, 1),
+                "acc": metric / self.metric_seen if self.metric_seen else None}
 
 
 class Trainer:
@@ -39,8 +77,11 @@ class Trainer:
     appends a row to ``history`` and, given ``checkpoint``, writes model, optimizer, schedule,
     random state and history there atomically. ``fit(..., resume=True)`` continues from that
     file to the same result an uninterrupted run gives. A NaN or infinite loss stops training
-    with :class:`~gpunet.TrainingDiverged` before the bad step is applied; the last good
-    checkpoint stays as it was.
+    with :class:`~gpunet.TrainingDiverged`; the last good checkpoint stays as it was. On the
+    host devices each step is checked before it is applied. On a GPU a step never waits for
+    the host: the loss and metric sums stay on the device and are read when the progress bar
+    redraws (a few times a second) and at the end of an epoch, so a non-finite loss is seen
+    there, after the steps before it were applied.
 
     With a ``comm`` of several ranks (:mod:`gpunet.distributed`) training is data-parallel:
     rank 0's weights are broadcast, each rank reads its share of every step's
@@ -108,7 +149,20 @@ class Trainer:
         loader.set_epoch(epoch)
         bar = ProgressBar(len(loader), f"epoch {epoch + 1}/{epochs}", file=self.log,
                           enabled=self.progress)
-        total_loss, total_metric, seen, metric_seen = 0.0, 0.0, 0, 0
+        totals, checked = _Totals(self.device), 0
+        # A non-finite loss must stop training. On the host reading it costs nothing, so each
+        # step is checked before it is applied; on a GPU that read would make every step wait,
+        # so the loss sum is checked when it is read anyway (progress, epoch end).
+        every_step = self.device.on_host
+
+        def shown() -> dict[str, Any]:
+            nonlocal checked
+            means = totals.means()
+            if self.comm.size == 1:  # with several ranks only rank 0 draws: check in step
+                self._check_finite(means["loss"], epoch, checked, step + 1)
+                checked = step + 1
+            return means
+
         for step, (xb, yb) in enumerate(loader):
             n = len(xb)
             self.optimizer.zero_grad()
@@ -118,29 +172,22 @@ class Trainer:
                 pred = self.model.forward(x, training=True)
                 loss = self.loss.forward(pred, y)
                 m = self.metric(pred, y)
-            if n:
                 self.model.backward(self.loss.backward())
-            step_loss = loss * n
-            if self.comm.size > 1:
-                step_loss = self._average_gradients(n, loader.step_size(step), step_loss)
-            if not math.isfinite(step_loss):  # the same on every rank: all stop together
-                raise TrainingDiverged(
-                    f"Trainer: the loss became {loss} at epoch {epoch + 1}, "
-                    f"step {step + 1}; the step was not applied, and the last checkpoint "
-                    "written (if any) is the last good one")
+            step_loss = loss
+            if self.comm.size > 1:  # the step's loss summed over the ranks, the same on all
+                step_loss = self._average_gradients(n, loader.step_size(step), loss * n)
+            if every_step:  # so all ranks stop together
+                self._check_finite(float(step_loss), epoch, step, step + 1)
             if self.clip_norm is not None:
                 clip_grad_norm(self.optimizer.params, self.clip_norm)
             self.optimizer.step()
-            total_loss, seen = total_loss + loss * n, seen + n
-            if m is not None:
-                total_metric, metric_seen = total_metric + m * n, metric_seen + n
-            bar.update(1, loss=total_loss / max(seen, 1),
-                       acc=total_metric / metric_seen if metric_seen else None)
-        total_loss, seen, total_metric, metric_seen = self.comm.allreduce_sum(
-            [total_loss, seen, total_metric, metric_seen])
-        row: dict[str, Any] = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1),
-                               "accuracy": total_metric / metric_seen if metric_seen else None,
-                               "lr": self.optimizer.lr}
+            totals.add(loss, m, n)
+            bar.update(1, shown)
+        self._reduce_totals(totals)
+        means = totals.means()
+        self._check_finite(means["loss"], epoch, checked, len(loader))
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": means["loss"],
+                               "accuracy": means["acc"], "lr": self.optimizer.lr}
         if val is not None:
             scores = self.evaluate(val)
             row.update({"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]})
@@ -149,24 +196,53 @@ class Trainer:
         bar.close(loss=row["loss"], acc=row["accuracy"], val_loss=row.get("val_loss"),
                   val_acc=row.get("val_accuracy"))
 
-    def _average_gradients(self, n: int, step_total: int, loss_sum: float) -> float:
+    def _check_finite(self, loss: float, epoch: int, first: int, last: int) -> None:
+        """Stop with TrainingDiverged if ``loss`` (of steps ``first + 1`` to ``last``) is not
+        finite; a target the loss found bad on a GPU is reported first (:meth:`Loss.check`)."""
+        if math.isfinite(loss):
+            return
+        self.loss.check()
+        if last == first + 1:
+            where = f"step {last}; the step was not applied"
+        else:
+            where = (f"one of steps {first + 1} to {last}; those steps were applied (on a GPU "
+                     "the loss is read a few times a second, not every step)")
+        raise TrainingDiverged(f"Trainer: the loss became {loss} at epoch {epoch + 1}, "
+                               f"{where}, and the last checkpoint written (if any) is the last "
+                               "good one")
+
+    def _reduce_totals(self, totals: _Totals) -> None:
+        """Sum an epoch's totals over the ranks (one host reduction at the epoch's end)."""
+        if self.comm.size == 1:
+            return
+        loss, metric = totals.read()
+        loss, totals.seen, metric, totals.metric_seen = self.comm.allreduce_sum(
+            [loss, totals.seen, metric, totals.metric_seen])
+        totals.loss, totals.metric = loss, metric
+        totals.seen, totals.metric_seen = int(totals.seen), int(totals.metric_seen)
+
+    def _average_gradients(self, n: int, step_total: int, loss_sum: Any) -> Any:
         """Replace each gradient by the mean over all ranks' samples of this step (a rank's
         gradient is the mean over its ``n`` samples, so it weighs ``n * size / step_total``);
-        returns the step's summed loss over the ranks, reduced in the same call."""
+        returns the step's summed loss over the ranks, reduced in the same call and left on
+        the device."""
         grads = [p.grad for p in self.optimizer.params.values()]
         weight = n * self.comm.size / step_total
         if weight != 1.0:
             for g in grads:
                 g *= weight
-        loss_box = self.device.asarray([loss_sum], dtype=grads[0].dtype)
+        loss_box = self.device.xp.asarray(loss_sum, dtype=grads[0].dtype).reshape(1)
         self.comm.allreduce_mean([*grads, loss_box])
-        return float(loss_box[0]) * self.comm.size
+        return loss_box[0] * self.comm.size
 
     def _save(self, path: str | os.PathLike, epochs_done: int, loader_seed: int) -> None:
-        for name, p in self.model.params().items():
-            if not self.device.isfinite_all(p.data):
-                raise TrainingDiverged(f"Trainer: parameter {name} is no longer finite after "
-                                       f"epoch {epochs_done}; the last good checkpoint is kept")
+        params = self.model.params()
+        xp = self.device.xp
+        finite = to_numpy(xp.stack([xp.isfinite(p.data).all() for p in params.values()]))
+        if not finite.all():  # one read for all parameters
+            name = list(params)[int(np.argmin(finite))]
+            raise TrainingDiverged(f"Trainer: parameter {name} is no longer finite after "
+                                   f"epoch {epochs_done}; the last good checkpoint is kept")
         if self.comm.rank == 0:
             meta = {"epoch": epochs_done, "history": self.history, "loader_seed": loader_seed,
                     "rng": rng.get_state(),
@@ -177,28 +253,27 @@ class Trainer:
     @on_device
     def evaluate(self, data: Dataset, batch_size: int = 256) -> dict[str, float | None]:
         """Mean loss and metric over ``data`` in eval mode (no dropout, no updates); with
-        several ranks each evaluates its share and the sums are reduced."""
-        total_loss, total_metric, metric_seen = 0.0, 0.0, 0
+        several ranks each evaluates its share and the sums are reduced. The sums stay on the
+        device until the end: one read per call."""
+        totals = _Totals(self.device)
         for xb, yb in DataLoader(data, batch_size, shuffle=False, seed=0, rank=self.comm.rank,
                                  world=self.comm.size):
             if not len(xb):
                 continue
             x, y = self._batch(xb, yb)
             pred = self.model.forward(x, training=False)
-            total_loss += self.loss.forward(pred, y) * len(xb)
-            m = self.metric(pred, y)
-            if m is not None:
-                total_metric, metric_seen = total_metric + m * len(xb), metric_seen + len(xb)
-        total_loss, total_metric, metric_seen = self.comm.allreduce_sum(
-            [total_loss, total_metric, metric_seen])
-        return {"loss": total_loss / len(data),
-                "accuracy": total_metric / metric_seen if metric_seen else None}
+            totals.add(self.loss.forward(pred, y), self.metric(pred, y), len(xb))
+        self._reduce_totals(totals)
+        loss, metric = totals.read()
+        if not math.isfinite(loss):
+            self.loss.check()  # a bad target found on a GPU: say so rather than return NaN
+        return {"loss": loss / len(data),
+                "accuracy": metric / totals.metric_seen if totals.metric_seen else None}
 
     @on_device
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Model outputs for ``x`` in eval mode, as a NumPy array."""
-        outs = [to_numpy(self.model.forward(self.device.asarray(x[i:i + batch_size],
-                                                                dtype=self.model.dtype),
-                                            training=False))
+        """Model outputs for ``x`` in eval mode, as a NumPy array (read back once)."""
+        outs = [self.model.forward(self.device.asarray(x[i:i + batch_size],
+                                                       dtype=self.model.dtype), training=False)
                 for i in range(0, len(x), batch_size)]
-        return np.concatenate(outs)
+        return to_numpy(self.device.concat(outs, axis=0))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import gpunet
-from gpunet import Sequential, Trainer, data, gradcheck, optim
+from gpunet import Sequential, Trainer, data, gradcheck, optim, rng
 from gpunet.backends import Backend
 from gpunet.layers import (LSTM, BatchNorm, Conv2D, Dense, Dropout, Flatten, LastStep,
                            MaxPool2D, ReLU, TimeMajor)
@@ -84,8 +84,9 @@ def _train(kind: str, device: str, tmp_path, epochs: int = 2, resume: bool = Fal
     model = build().to(dtype=np.float64)  # so CPU and GPU results agree beyond rounding
     trainer = Trainer(model, SoftmaxCrossEntropy(), optim.Adam(model.params(), lr=0.01),
                       device=device, clip_norm=1.0, progress=False)
-    history = trainer.fit(train, epochs, batch_size=32, val=test, seed=0, resume=resume,
-                          checkpoint=tmp_path / f"{kind}-{device.replace(':', '')}.npz")
+    with rng.host_draws():  # the CPU's dropout masks on the GPU too
+        history = trainer.fit(train, epochs, batch_size=32, val=test, seed=0, resume=resume,
+                              checkpoint=tmp_path / f"{kind}-{device.replace(':', '')}.npz")
     return trainer, history, test
 
 
@@ -136,6 +137,26 @@ def test_every_backend_operation_lands_on_its_gpu(standin):
                  gpu1.relu(moved), gpu1.dropout_mask((4, 4), 0.5, np.float32)):
         assert made.device.id == 1
     assert standin.cuda.runtime.getDevice() == 0
+
+
+def test_dropout_masks_are_drawn_on_the_gpu(standin):
+    gpu1, counters = gpunet.device("cuda:1"), standin._standin.counters
+    gpunet.seed(3)
+    counters.reset()
+    first = gpu1.dropout_mask((64, 32), 0.25, np.float32)
+    assert counters.uploads == 0 and first.device.id == 1
+    kept = gpunet.to_numpy(first)
+    assert set(np.unique(kept)) == {0.0, np.float32(1 / 0.75)}
+    assert 0.6 < (kept > 0).mean() < 0.9
+    gpunet.seed(3)  # a seed fixes the device's draws too
+    np.testing.assert_array_equal(gpunet.to_numpy(gpu1.dropout_mask((64, 32), 0.25, np.float32)),
+                                  kept)
+    gpunet.seed(3)
+    with rng.host_draws():  # the host stream's masks: the CPU's, uploaded
+        host = gpunet.to_numpy(gpu1.dropout_mask((64, 32), 0.25, np.float32))
+    gpunet.seed(3)
+    np.testing.assert_array_equal(host, gpunet.device("cpu").dropout_mask((64, 32), 0.25,
+                                                                          np.float32))
 
 
 def test_a_layer_moved_between_gpus_keeps_working(standin):

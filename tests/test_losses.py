@@ -176,7 +176,7 @@ def test_float32_prediction_gives_float32_gradient_and_close_value(case):
     make, pred, target, _ = CASES[case]
     loss = make()
     value = loss(pred.astype(np.float32), target)  # float64 target cast to the pred's dtype
-    assert isinstance(value, float)
+    assert np.ndim(value) == 0 and value.dtype == np.float32  # a 0-d value, as torch's
     assert value == pytest.approx(make()(pred, target), rel=1e-5)
     grad = loss.backward()
     assert grad.dtype == np.float32 and grad.shape == pred.shape
@@ -215,7 +215,8 @@ def test_each_device_matches_numpy(case, device):
     value = loss(device.asarray(pred), device.asarray(target))
     grad = loss.backward()
     assert device.owns(grad)
-    assert value == pytest.approx(want_value, rel=1e-12)
+    assert np.ndim(value) == 0 and (device.on_host or device.owns(value))  # left on the GPU
+    assert float(value) == pytest.approx(want_value, rel=1e-12)
     np.testing.assert_allclose(gpunet.to_numpy(grad), want_grad, rtol=1e-10, atol=1e-14)
 
 
@@ -275,6 +276,23 @@ def test_softmax_ce_rejects_labels_out_of_range():
         SoftmaxCrossEntropy()(np.zeros((3, 3)), np.array([0, 7, 1]))
     with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy.*\[0, 3\).*got -1"):
         SoftmaxCrossEntropy()(np.zeros((3, 3)), np.array([0, 2, -1]))
+
+
+def test_softmax_ce_reports_bad_labels_on_a_gpu_without_reading_each_batch(standin):
+    gpu = gpunet.device("cuda:1")
+    loss, counters = SoftmaxCrossEntropy(), standin._standin.counters
+    logits = gpu.asarray(np.zeros((3, 3), np.float32))
+    counters.reset()
+    good = loss(logits, gpu.asarray(np.array([0, 2, 1])))
+    bad = loss(logits, gpu.asarray(np.array([0, 7, 1])))  # flagged on the device, not raised
+    later = loss(logits, gpu.asarray(np.array([0, -1, 1])))
+    assert counters.host_reads == 0
+    assert float(good) == pytest.approx(np.log(3)) and np.isnan(float(bad))
+    assert np.isnan(float(later))  # stays NaN until the error is taken
+    with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy.*\[0, 3\).*got 7"):
+        loss.check()  # the first bad label
+    loss.check()  # reported once
+    assert float(loss(logits, gpu.asarray(np.array([0, 2, 1])))) == pytest.approx(np.log(3))
 
 
 def test_softmax_ce_rejects_float_labels_and_wrong_shapes():

@@ -77,6 +77,12 @@ class Backend:
         return self
 
     @property
+    def on_host(self) -> bool:
+        """Whether this device's arrays are host memory, so reading one back costs nothing
+        (``cpu``, ``emulated``); on a GPU each read waits for the device."""
+        return True
+
+    @property
     def label(self) -> str:
         """The name shown in reports: :attr:`name`, plus what stands in for a GPU, if anything."""
         return self.name

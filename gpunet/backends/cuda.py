@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .. import kernels
+import numpy as np
+
+from .. import kernels, rng
 from .base import Array, Backend, on_device
 from .kernel_ops import KernelOps
 
@@ -23,13 +25,18 @@ class CudaBackend(KernelOps, Backend):
         super().__init__(cupy, f"cuda:{index}")
         self.index = index
         self._device = cupy.cuda.Device(index)
-        self._modules: dict[str, Any] = {}
+        self._modules: dict[str, Any] = {}  # one RawModule per kernel file, loaded on this GPU
+        self._functions: dict[tuple[str, np.dtype], Any] = {}
         # The test suite's CuPy stand-in (tests/cupy_standin) marks itself; whatever runs on it
         # is labelled so and never reported as a GPU result.
         self.standin = bool(getattr(cupy, "GPUNET_STANDIN", False))
 
     def __repr__(self) -> str:
         return f"device({self.name!r}, CuPy stand-in)" if self.standin else super().__repr__()
+
+    @property
+    def on_host(self) -> bool:
+        return False
 
     @property
     def label(self) -> str:
@@ -40,12 +47,16 @@ class CudaBackend(KernelOps, Backend):
 
     def launch(self, kernel: str, dtype: Any, grid: tuple[int, ...], block: tuple[int, ...],
                args: Sequence[Any], shared_mem: int = 0) -> None:
-        file = kernels.file_of(kernel)
-        if file not in self._modules:  # compiled on first use; CuPy caches it on disk
-            self._modules[file] = self.xp.RawModule(
-                code=kernels.expanded_source(file), options=("-std=c++17",),
-                name_expressions=kernels.name_expressions(file))
-        fn = self._modules[file].get_function(kernels.name_expression(kernel, dtype))
+        key = (kernel, np.dtype(dtype))
+        fn = self._functions.get(key)
+        if fn is None:  # once per kernel and dtype on this GPU: get_function looks it up anew
+            file = kernels.file_of(kernel)
+            if file not in self._modules:  # compiled on first use; CuPy 14 caches it on disk
+                self._modules[file] = self.xp.RawModule(
+                    code=kernels.expanded_source(file), options=("-std=c++17",),
+                    name_expressions=kernels.name_expressions(file))
+            fn = self._functions[key] = self._modules[file].get_function(
+                kernels.name_expression(kernel, dtype))
         fn(grid, block, tuple(args), shared_mem=shared_mem)
 
     def owns(self, a: Any) -> bool:
@@ -58,6 +69,15 @@ class CudaBackend(KernelOps, Backend):
 
     def synchronize(self) -> None:
         self._device.synchronize()
+
+    def dropout_mask(self, shape: Sequence[int], p: float, dtype: Any) -> Array:
+        """As :meth:`Backend.dropout_mask`, drawn on the GPU by its own generator (nothing is
+        uploaded), unless :func:`gpunet.rng.host_draws` asks for the host stream."""
+        if rng.draws_on_host():
+            return super().dropout_mask(shape, p, dtype)
+        dtype = np.dtype(dtype)
+        keep = rng.device_generator(self).random(tuple(shape), dtype=dtype) >= p
+        return keep.astype(dtype) * dtype.type(1 / (1 - p))
 
 
 # Not wrapped: what makes the device current, and what only reads an array's metadata.

@@ -49,11 +49,11 @@ class BatchNorm(Layer):
             return None
 
         def across(sums: list, count: int) -> int:
-            counts = self.ops.asarray([float(count)], dtype=sums[0].dtype)
-            self.comm.allreduce_mean([*sums, counts])  # one reduction for all of them
+            self.comm.allreduce_mean(sums)  # one reduction for all of them, on the device
             for a in sums:
                 a *= self.comm.size
-            return int(round(float(counts[0]) * self.comm.size))
+            # the counts are the host's own: summed between hosts, never read from a GPU
+            return int(round(self.comm.allreduce_sum([count])[0]))
         return across
 
 
