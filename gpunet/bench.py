@@ -291,10 +291,10 @@ def _is_standin(device: str) -> bool:
 
 def torch_skipped(torch: Any, device: str, standin: bool = False) -> str | None:
     """Why PyTorch is not run next to gpunet on ``device``, or None when it is."""
+    if standin:  # first: whether PyTorch is installed does not matter there
+        return "the CuPy stand-in has no GPU for PyTorch to run on"
     if torch is None:
         return "PyTorch is not installed"
-    if standin:
-        return "the CuPy stand-in has no GPU for PyTorch to run on"
     if cuda_index(device) is not None and not torch.cuda.is_available():
         return f"this PyTorch ({torch.__version__}) has no CUDA"
     return None
