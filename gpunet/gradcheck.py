@@ -45,7 +45,8 @@ def gradcheck(layer: Layer, inputs: Any, dy: Any = None, *, eps: float = 1e-6,
     """Compare ``layer.backward`` with central differences of ``L = sum(forward(x) * dy)``.
 
     The layer is copied and cast to float64 (the original is untouched); ``inputs`` is an
-    array or, for multi-input layers, a list of arrays, on any device. ``dy`` defaults to a
+    array or, for multi-input layers, a list of arrays, on any device. Integer arrays
+    (indices) are passed as they are and have no gradient to check. ``dy`` defaults to a
     seeded random gradient. gpunet's random stream is reset before every forward, so layers
     that draw (dropout) see the same draws each time. At most ``max_entries`` entries of each
     array are perturbed (a seeded random subset; ``None``: all).
@@ -56,8 +57,8 @@ def gradcheck(layer: Layer, inputs: Any, dy: Any = None, *, eps: float = 1e-6,
         layer = copy.deepcopy(layer).to(dtype=np.float64)
         ops = layer.ops
         multi = isinstance(inputs, (list, tuple))
-        xs = [ops.asarray(to_numpy(x), dtype=np.float64)
-              for x in (inputs if multi else [inputs])]
+        hosts = [to_numpy(x) for x in (inputs if multi else [inputs])]
+        xs = [ops.asarray(h, dtype=None if h.dtype.kind in "iu" else np.float64) for h in hosts]
         saved_state = rng.get_state()
         draws = np.random.default_rng(seed)
 
@@ -84,7 +85,8 @@ def gradcheck(layer: Layer, inputs: Any, dy: Any = None, *, eps: float = 1e-6,
             analytic = {(f"input {i}" if multi else "input"): to_numpy(d)
                         for i, d in enumerate(dx if multi else [dx])}
             analytic.update({name: to_numpy(p.grad) for name, p in layer.params().items()})
-            targets = {(f"input {i}" if multi else "input"): x for i, x in enumerate(xs)}
+            targets = {(f"input {i}" if multi else "input"): x for i, x in enumerate(xs)
+                       if x.dtype.kind not in "iu"}
             targets.update({name: p.data for name, p in layer.params().items()})
 
             report = GradcheckReport(rtol=rtol, atol=atol)

@@ -21,6 +21,10 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "conv.cu": ("conv_im2col", "conv_col2im", "conv_bias_grad", "conv_bias_grad_finish"),
     "pooling.cu": ("maxpool_forward", "maxpool_backward"),
     "lstm.cu": ("lstm_forward", "lstm_backward"),
+    "layernorm.cu": ("ln_forward_warp", "ln_forward_block", "ln_backward_warp",
+                     "ln_backward_block", "ln_param_grads", "ln_finish"),
+    "embedding.cu": ("embedding_backward",),
+    "gelu.cu": ("gelu_forward", "gelu_backward"),
 }
 
 #: Element types the kernels are instantiated for, with their C++ names.

@@ -21,6 +21,11 @@ from .layers import (AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D, Subsampling2
                      Upscale2D)
 from .layers import (GRU, LSTM, RNN, AvgPoolTime, LastStep, MultiplicativeRNN, Recurrent2D,
                      TimeMajor)
+from .layers import Bidirectional, ConvTranspose2D
+from .layers import LayerNorm
+from .layers import AdditiveAttention, MultiHeadAttention
+from .layers import (GELU, Embedding, Identity, PositionalEncoding, PositionEmbedding,
+                     Reshape)
 from .layers.base import Layer
 
 #: Allowed error per dtype: an entry passes when ``|got - want| <= atol + rtol * |want|``.
@@ -33,7 +38,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
 @dataclass
 class Case:
     """A layer to compare: ``build()`` makes it, ``inputs(generator)`` its sample input (an
-    array or, for multi-input layers, a list), run in ``training`` mode or not."""
+    array or, for multi-input layers, a list), run in ``training`` mode or not. Float inputs
+    are cast to the dtype compared; integer arrays (indices) are passed as they are."""
 
     build: Callable[[], Layer]
     inputs: Callable[[np.random.Generator], Any]
@@ -61,6 +67,26 @@ def _residual() -> Graph:
     g.add("act", Tanh(), "fc")
     g.add("out", Sum("relu"), ["act", "x"])
     return g
+
+
+class _Masked(Layer):
+    """An attention layer run with a fixed ``key_padding_mask`` (``mask``: nested lists of
+    bools, True = ignore), put on the layer's device at each forward: a case's layer is only
+    called as ``forward(x, training)``."""
+
+    def __init__(self, layer: Layer, mask: list[list[bool]]) -> None:
+        super().__init__()
+        self.layer, self.mask = layer, np.asarray(mask, dtype=bool)
+
+    def children(self) -> dict[str, Layer]:
+        return {"layer": self.layer}
+
+    def forward(self, x: Any, training: bool = True) -> Any:
+        self.save_for_backward()
+        return self.layer.forward(x, training, key_padding_mask=self.ops.asarray(self.mask))
+
+    def backward(self, dy: Any) -> Any:
+        return self.layer.backward(dy)
 
 
 CASES: dict[str, Case] = {
@@ -124,6 +150,83 @@ CASES: dict[str, Case] = {
     "AvgPoolTime-5-3": Case(lambda: AvgPoolTime(5, 3), _normal(8, 2, 3)),
     "LastStep": Case(LastStep, _normal(4, 2, 3)),
     "TimeMajor": Case(TimeMajor, _normal(2, 4, 3)),
+    # transposed convolution: strides, padding, output_padding, non-square kernels, no bias
+    "ConvTranspose2D": Case(lambda: ConvTranspose2D(2, 3, 3, padding=1), _normal(2, 2, 4, 4)),
+    "ConvTranspose2D-strided": Case(lambda: ConvTranspose2D(3, 2, (3, 2), stride=(2, 1),
+                                                            padding=(1, 0), output_padding=(1, 0)),
+                                    _normal(2, 3, 3, 4)),
+    "ConvTranspose2D-up2": Case(lambda: ConvTranspose2D(2, 2, 2, stride=2, bias=False),
+                                _normal(1, 2, 3, 2)),
+    "ConvTranspose2D-gaps": Case(lambda: ConvTranspose2D(1, 2, (2, 3), stride=3, padding=(0, 1),
+                                                         output_padding=2),  # stride > kernel
+                                 _normal(2, 1, 2, 3)),
+    # both directions of a recurrent layer, concatenated or summed, with initial states
+    "Bidirectional-RNN": Case(lambda: Bidirectional(RNN(3, 4)), _normal(4, 2, 3)),
+    "Bidirectional-LSTM-sum": Case(lambda: Bidirectional(LSTM(3, 4), merge="sum"),
+                                   _normal(4, 2, 3)),
+    "Bidirectional-LSTM-state": Case(lambda: Bidirectional(LSTM(2, 3)),
+                                     lambda g: [g.normal(size=(3, 2, 2)),
+                                                g.normal(size=(2, 2, 3)),
+                                                g.normal(size=(2, 2, 3))]),
+    "Bidirectional-GRU": Case(lambda: Bidirectional(GRU(3, 4)), _normal(4, 2, 3)),
+    "Bidirectional-GRU-sum-h0": Case(lambda: Bidirectional(GRU(2, 3), merge="sum"),
+                                     lambda g: [g.normal(size=(3, 2, 2)),
+                                                g.normal(size=(2, 2, 3))]),
+    # layer normalisation: (N, E) over several warps' rows, (T, N, E), two trailing axes, no
+    # parameters, and a row long enough for one block per row (kernel_ops.layernorm_grid)
+    "LayerNorm": Case(lambda: LayerNorm(6), _normal(11, 6, scale=2)),
+    "LayerNorm-3d": Case(lambda: LayerNorm(5, eps=1e-3), _normal(4, 3, 5)),
+    "LayerNorm-2axes": Case(lambda: LayerNorm((3, 4)), _normal(2, 5, 3, 4)),
+    "LayerNorm-noaffine": Case(lambda: LayerNorm(7, elementwise_affine=False), _normal(3, 2, 7)),
+    "LayerNorm-long": Case(lambda: LayerNorm(1040), _normal(2, 1040)),
+    # attention: self and cross, padding and causal masks (no query left without a key),
+    # batch-first, dropout on the weights (the same host draws on every device)
+    "MultiHeadAttention": Case(lambda: MultiHeadAttention(6, 2), _normal(3, 2, 6)),
+    "MultiHeadAttention-cross": Case(lambda: MultiHeadAttention(6, 3, bias=False),
+                                     lambda g: [g.normal(size=(3, 2, 6)),
+                                                g.normal(size=(4, 2, 6)),
+                                                g.normal(size=(4, 2, 6))]),
+    "MultiHeadAttention-masked": Case(
+        lambda: _Masked(MultiHeadAttention(4, 2), [[False, False, True, True],
+                                                   [False, True, False, False]]),
+        lambda g: [g.normal(size=(2, 2, 4)), g.normal(size=(4, 2, 4)),
+                   g.normal(size=(4, 2, 4))]),
+    "MultiHeadAttention-causal": Case(lambda: MultiHeadAttention(4, 2, causal=True),
+                                      _normal(4, 2, 4)),
+    "MultiHeadAttention-causal-masked": Case(
+        lambda: _Masked(MultiHeadAttention(4, 1, causal=True), [[False, True, False, True],
+                                                                [False, False, False, True]]),
+        _normal(4, 2, 4)),
+    "MultiHeadAttention-batch-first": Case(
+        lambda: MultiHeadAttention(4, 2, batch_first=True), _normal(2, 3, 4)),
+    "MultiHeadAttention-dropout": Case(lambda: MultiHeadAttention(4, 2, dropout=0.3),
+                                       _normal(3, 2, 4)),
+    "AdditiveAttention": Case(lambda: AdditiveAttention(3, 4, 5),
+                              lambda g: [g.normal(size=(3, 2, 3)), g.normal(size=(4, 2, 4)),
+                                         g.normal(size=(4, 2, 2))]),
+    "AdditiveAttention-masked": Case(
+        lambda: _Masked(AdditiveAttention(3, 4, 5), [[False, False, True, True],
+                                                     [True, False, False, False]]),
+        lambda g: [g.normal(size=(3, 2, 3)), g.normal(size=(4, 2, 4)),
+                   g.normal(size=(4, 2, 2))]),
+    # embeddings (integer inputs: indices with repeats, a padding row) and positions
+    "Embedding": Case(lambda: Embedding(7, 4), lambda g: g.integers(0, 7, size=(5, 3))),
+    # (padding_idx -2 is row 4, read by no index: the gradient check of every case in
+    # tests/test_layers.py would see that row's zero gradient as wrong; tests/test_embedding.py
+    # checks padding positions on every device)
+    "Embedding-padding": Case(lambda: Embedding(6, 3, padding_idx=-2),
+                              lambda g: np.array([[1, 3, 3, 0], [2, 1, 5, 3]], dtype=np.int32)),
+    "PositionEmbedding": Case(lambda: PositionEmbedding(6, 4), _normal(5, 2, 4)),
+    "PositionEmbedding-batch-first": Case(lambda: PositionEmbedding(5, 3, batch_first=True),
+                                          _normal(2, 4, 3)),
+    "PositionalEncoding": Case(lambda: PositionalEncoding(5, max_len=9), _normal(6, 2, 5)),
+    "PositionalEncoding-dropout": Case(lambda: PositionalEncoding(4, dropout=0.3,
+                                                                  batch_first=True),
+                                       _normal(2, 5, 4)),
+    "GELU": Case(GELU, _normal(4, 5, scale=2)),
+    "GELU-tanh": Case(lambda: GELU("tanh"), _normal(4, 5, scale=2)),
+    "Identity": Case(Identity, _normal(3, 4)),
+    "Reshape": Case(lambda: Reshape((3, -1)), _normal(2, 6, 2)),
 }
 
 
@@ -150,10 +253,15 @@ def _score(got: Any, want: np.ndarray, tol: dict[str, float]) -> float:
     return float(np.nan_to_num(err, nan=np.inf).max(initial=0.0))
 
 
+def _is_indices(a: Any) -> bool:
+    """Whether a case's input is an integer array (indices, kept as they are, never cast)."""
+    return isinstance(a, np.ndarray) and a.dtype.kind in "iu"
+
+
 def _run(layer: Layer, xs: list[np.ndarray], multi: bool, dy: np.ndarray, training: bool,
          device: Backend, dtype: Any) -> tuple[Any, list[Any], dict[str, Any]]:
     layer.to(device, dtype)
-    x = [asarray(a, device, dtype=dtype) for a in xs]
+    x = [asarray(a, device, dtype=None if _is_indices(a) else dtype) for a in xs]
     rng.seed(0)  # the same dropout draws on every device: from the host stream
     with rng.host_draws():
         y = layer.forward(x if multi else x[0], training)
@@ -169,8 +277,9 @@ def run_case(name: str, device: Backend, dtype: Any, seed: int = 0) -> Result:
     raw = case.inputs(g)
     multi = isinstance(raw, list)
     xs = raw if multi else [raw]
-    # Inputs and weights are rounded to dtype first, so both sides start from the same numbers.
-    xs = [np.asarray(a, dtype).astype(np.float64) for a in xs]
+    # Inputs and weights are rounded to dtype first, so both sides start from the same numbers;
+    # integer inputs (indices) stay as they are.
+    xs = [a if _is_indices(a) else np.asarray(a, dtype).astype(np.float64) for a in xs]
     reference, layer = case.build(), case.build()
     for p_ref, p in zip(reference.params().values(), layer.params().values()):
         # perturbed so zero-initialised biases take part too, then rounded to dtype
@@ -190,7 +299,10 @@ def run_case(name: str, device: Backend, dtype: Any, seed: int = 0) -> Result:
     tol = TOLERANCES[dtype.name]
     result.errors["forward"] = _score(y, y_ref, tol)
     for i, (a, b) in enumerate(zip(dx, dx_ref)):
-        result.errors["dx" if not multi else f"dx{i}"] = _score(a, b, tol)
+        if a is None and b is None:  # an input without a gradient (integer indices)
+            continue
+        result.errors["dx" if not multi else f"dx{i}"] = (
+            float("inf") if a is None or b is None else _score(a, b, tol))
     for k, p in reference.params().items():
         result.errors[f"d{k}"] = _score(grads[k], p.grad, tol)
     return result

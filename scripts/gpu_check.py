@@ -77,7 +77,8 @@ KERNEL_TRAFFIC = {"bn_reduce_nchw": 2, "bn_reduce_nc": 2, "bn_backward_dx": 3}
 #: The least BatchNorm backward can move: read dy and x, write dx.
 BN_MIN_TRAFFIC = 3
 #: Parity cases under compute-sanitizer, float32: together they launch every gpunet kernel.
-SANITIZER_CASES = ("BatchNorm-4d", "BatchNorm-2d", "Conv2D", "MaxPool2D", "LSTM")
+SANITIZER_CASES = ("BatchNorm-4d", "BatchNorm-2d", "Conv2D", "MaxPool2D", "LSTM", "LayerNorm",
+                   "LayerNorm-long", "Embedding", "GELU")
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 
 STANDIN_NOTE = ("CuPy stand-in (tests/cupy_standin), not a GPU: kernels run on the CPU "

@@ -20,7 +20,8 @@ from gpunet.layers import LAYERS
 # depends on the order between barriers.
 DEVICES = ["cpu", "emulated", "cuda", *STANDIN_SPECS]
 KERNEL_CASES = [name for name in parity.CASES
-                if name.startswith(("BatchNorm", "Conv2D", "MaxPool2D", "LSTM"))]
+                if name.startswith(("BatchNorm", "Conv2D", "ConvTranspose2D", "MaxPool2D", "LSTM",
+                                    "Bidirectional-LSTM", "LayerNorm", "Embedding", "GELU"))]
 
 
 @pytest.fixture

@@ -446,6 +446,56 @@ class Backend:
         sh, sw = scale
         return dy.reshape(n, c, h // sh, sh, w // sw, sw).sum(axis=(3, 5))
 
+    # -- transposed convolution: a convolution's passes in the other order ----------------
+    # The transposed convolution of x (N, C, H, W) with weight (C, O, kh, kw) is the input
+    # gradient of the convolution conv2d(y, weight) of a y of its output's shape, weight read
+    # as (out C, in O, kh, kw); its backward is that convolution's forward (dx) and weight
+    # gradient (dweight, with x in the role of the output gradient). So it is written with
+    # the conv operations above and every device runs its own: blocked on the CPU, kernels
+    # (im2col, col2im, the bias sum) on CUDA and the emulator.
+    def conv2d_saved(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int]) -> Array:
+        """What :meth:`conv2d` of ``x`` returns for :meth:`backprop_conv2d` (its second
+        value), without computing the convolution: the column matrix :meth:`im2col`."""
+        return self.im2col(x, kernel, stride, padding)
+
+    def conv_transpose2d(self, x: Array, weight: Array, bias: Array | None,
+                         stride: Sequence[int], padding: Sequence[int],
+                         output_padding: Sequence[int]) -> Array:
+        """``y[n, o, h sh + i - ph, w sw + j - pw] += weight[c, o, i, j] x[n, c, h, w]``
+        summed over ``c, h, w, i, j`` (entries that land outside ``y`` dropped), plus
+        ``bias[o]``: shape ``(N, O, Ho, Wo)``, ``Ho = (H - 1) sh - 2 ph + kh + oph`` (likewise
+        ``Wo``). The input gradient of ``conv2d(y, weight)``: ONE GEMM
+        ``weight^T (O kh kw, C) @ x (C, N H W)`` and :meth:`col2im`."""
+        n, c, h, w = x.shape
+        o, kh, kw = weight.shape[1:]
+        ho = (h - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0]
+        wo = (w - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1]
+        x2 = self.xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, -1)
+        dcols = self.gemm(weight.reshape(c, -1), x2, trans_a=True)
+        y = self.col2im(dcols, (n, o, ho, wo), (kh, kw), stride, padding)
+        if bias is not None:
+            y += bias.reshape(1, o, 1, 1)
+        return y
+
+    def backprop_conv_transpose2d(self, dy: Array, x: Array, weight: Array,
+                                  stride: Sequence[int], padding: Sequence[int],
+                                  bias: bool = True, input_grad: bool = True
+                                  ) -> tuple[Array | None, Array, Array | None]:
+        """``(dx, dweight, dbias)`` of :meth:`conv_transpose2d`: ``dx = conv2d(dy, weight)``
+        (the correlation), ``dweight`` the weight gradient :meth:`backprop_conv2d` of that
+        convolution given ``x`` as its output gradient, ``dbias = conv_bias_grad(dy)``. ``dx``
+        is None without ``input_grad`` (only ``dy``'s columns are made then), ``dbias``
+        without ``bias``."""
+        kernel = weight.shape[2:]
+        if input_grad:
+            dx, saved = self.conv2d(dy, weight, None, stride, padding)
+        else:
+            dx, saved = None, self.conv2d_saved(dy, kernel, stride, padding)
+        dweight = self.backprop_conv2d(x, saved, dy.shape, weight, stride, padding,
+                                       bias=False, input_grad=False)[1]
+        return dx, dweight, self.conv_bias_grad(dy) if bias else None
+
     # -- randomness (drawn on the host so every device sees the same numbers) -------------
     def dropout_mask(self, shape: Sequence[int], p: float, dtype: Any) -> Array:
         """Inverted-dropout mask: 0 with probability ``p``, else ``1/(1-p)``."""
@@ -514,3 +564,137 @@ class Backend:
         xp.multiply(dc, i, out=dz_g)
         dz_g *= 1 - g * g
         xp.multiply(dc, f, out=dc_prev)
+
+    # -- attention: batched products over leading axes, and the causal mask ------------------
+    def bmm(self, a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
+        """``op(a) @ op(b)`` for each matrix of a batch: ``a (*, m, k)``, ``b (*, k, n)`` (after
+        the optional transposes of their last two axes; leading axes broadcast), result
+        ``(*, m, n)``. One batched BLAS call (cuBLAS on a GPU); transposes are views."""
+        return self.xp.matmul(a.swapaxes(-1, -2) if trans_a else a,
+                              b.swapaxes(-1, -2) if trans_b else b)
+
+    def causal_mask(self, rows: int, cols: int) -> Array:
+        """Boolean ``(rows, cols)``, True where ``j > i``: the keys after query ``i``, which a
+        causal attention ignores. Made on this device, so nothing is uploaded."""
+        xp = self.xp
+        return xp.arange(cols)[None, :] > xp.arange(rows)[:, None]
+
+    # -- layer normalisation over the rows of (R, M) data (kernels/layernorm.cu) ---------
+    # Per-row vectors (mean, rstd) have shape (R,); weight and bias have shape (M,).
+    def layernorm_forward(self, x: Array, weight: Array | None, bias: Array | None,
+                          eps: float) -> tuple[Array, Array, Array]:
+        """``(y, mean, rstd)`` of each row of ``x`` ``(R, M)`` normalised over its M values:
+        ``mean`` and the biased ``var`` per row, ``rstd = 1 / sqrt(var + eps)``,
+        ``y = (x - mean) * rstd * weight + bias`` (no scale or shift where None)."""
+        mean = x.mean(axis=1)
+        centred = x - mean[:, None]
+        rstd = 1 / self.xp.sqrt((centred * centred).mean(axis=1) + eps)
+        y = centred
+        y *= rstd[:, None]
+        if weight is not None:
+            y *= weight
+        if bias is not None:
+            y += bias
+        return y, mean, rstd
+
+    def layernorm_backward(self, dy: Array, x: Array, mean: Array, rstd: Array,
+                           weight: Array | None) -> tuple[Array, Array | None, Array | None]:
+        """``(dx, dweight, dbias)`` of :meth:`layernorm_forward`. With
+        ``xhat = (x - mean) * rstd`` and ``g = dy * weight`` (``dy`` without a weight):
+        ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, means over each row;
+        ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)`` over the rows (both None
+        without a weight: the layer has no parameters then)."""
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        g = dy if weight is None else dy * weight
+        dx = g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True)
+        dx *= rstd[:, None]
+        if weight is None:
+            return dx, None, None
+        return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+    # -- embeddings: rows gathered by index, their gradients added back (kernels/embedding.cu)
+    def embedding_backward(self, dweight: Array, indices: Array, dy: Array,
+                           padding_idx: int | None = None) -> None:
+        """Add row ``m`` of ``dy`` ``(M, D)`` into row ``indices[m]`` of ``dweight`` ``(V, D)``,
+        in place, in order of ``m`` (an index used several times gets the sum); row
+        ``padding_idx`` is left as it was. ``indices``: ``(M,)`` integers in ``[0, V)``."""
+        kept = None if padding_idx is None else dweight[padding_idx].copy()
+        self.xp.add.at(dweight, indices, dy)
+        if kept is not None:
+            dweight[padding_idx] = kept
+
+    # -- GELU, and the error function it needs (kernels/gelu.cu) ----------------------------
+    # W. J. Cody's rational Chebyshev approximations of erf and erfc ("Rational Chebyshev
+    # approximations for the error function", Math. Comp. 23, 1969; netlib's CALERF): erf on
+    # |x| <= 0.46875, erfc on (0.46875, 4] and on (4, inf). Within 4 ulp of erf in float64.
+    _ERF_A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02,
+              3.20937758913846947e03, 1.85777706184603153e-1)
+    _ERF_B = (2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03,
+              2.84423683343917062e03)
+    _ERF_C = (5.64188496988670089e-1, 8.88314979438837594e00, 6.61191906371416295e01,
+              2.98635138197400131e02, 8.81952221241769090e02, 1.71204761263407058e03,
+              2.05107837782607147e03, 1.23033935479799725e03, 2.15311535474403846e-8)
+    _ERF_D = (1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02,
+              1.62138957456669019e03, 3.29079923573345963e03, 4.36261909014324716e03,
+              3.43936767414372164e03, 1.23033935480374942e03)
+    _ERF_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1,
+              1.60837851487422766e-2, 6.58749161529837803e-4, 1.63153871373020978e-2)
+    _ERF_Q = (2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1,
+              6.05183413124413191e-2, 2.33520497626869185e-3)
+    #: sqrt(2 / pi) and the cubic coefficient of GELU's tanh approximation (PyTorch's)
+    GELU_BETA, GELU_KAPPA = 0.7978845608028654, 0.044715
+
+    @staticmethod
+    def _cody_ratio(t: Array, num: Sequence[float], den: Sequence[float]) -> Array:
+        """CALERF's rational function of ``t``: numerator coefficients ``num`` (the
+        highest-order one last), denominator ``den`` (monic), by Horner's rule, in place."""
+        n, d = num[-1] * t, t.copy()
+        for a, b in zip(num[:-2], den[:-1]):
+            n += a
+            n *= t
+            d += b
+            d *= t
+        n += num[-2]
+        d += den[-1]
+        n /= d
+        return n
+
+    def erf(self, x: Array) -> Array:
+        """The error function ``erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt``, in
+        ``x``'s dtype (NumPy has none). Every branch of Cody's approximation is computed for
+        every element and the right one picked, so nothing waits on the data; ``|x|`` is
+        capped at 27, where ``erfc`` is below the smallest float64."""
+        xp = self.xp
+        y = xp.minimum(xp.abs(x), 27.0)
+        z = y * y
+        small = x * self._cody_ratio(z, self._ERF_A, self._ERF_B)
+        middle = self._cody_ratio(y, self._ERF_C, self._ERF_D)
+        w = 1 / xp.maximum(z, 16.0)
+        tail = (0.56418958354775628695 - w * self._cody_ratio(w, self._ERF_P, self._ERF_Q)
+                ) / xp.maximum(y, 4.0)
+        # erfc(y) = exp(-y^2) R(y), with y^2 split as s^2 + (y - s)(y + s), s = y rounded down
+        # to 1/16: exp(-s^2) is then exact enough that the product keeps full precision
+        s = xp.trunc(y * 16) / 16
+        erfc = xp.where(y <= 4.0, middle, tail) * xp.exp(-s * s) * xp.exp(-(y - s) * (y + s))
+        big = (0.5 - erfc) + 0.5
+        return xp.where(y <= 0.46875, small, xp.where(x < 0, -big, big))
+
+    def gelu(self, x: Array, approximate: str = "none") -> Array:
+        """``x * Phi(x)`` with ``Phi`` the standard normal CDF: ``0.5 x (1 + erf(x/sqrt(2)))``;
+        ``approximate="tanh"``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
+        if approximate == "tanh":
+            return 0.5 * x * (1 + self.xp.tanh(self.GELU_BETA * (x + self.GELU_KAPPA * x * x * x)))
+        return 0.5 * x * (1 + self.erf(x * 0.7071067811865476))
+
+    def backprop_gelu(self, dy: Array, x: Array, approximate: str = "none") -> Array:
+        """``dx`` of :meth:`gelu`: ``dy (Phi(x) + x phi(x))``, ``phi`` the normal density;
+        with ``"tanh"``, ``t = tanh(u)``: ``dy (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx)``,
+        ``du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)``."""
+        if approximate == "tanh":
+            x2 = x * x
+            t = self.xp.tanh(self.GELU_BETA * (x + self.GELU_KAPPA * x2 * x))
+            du = self.GELU_BETA * (1 + 3 * self.GELU_KAPPA * x2)
+            return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)
+        cdf = 0.5 * (1 + self.erf(x * 0.7071067811865476))
+        pdf = self.xp.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        return dy * (cdf + x * pdf)

@@ -249,6 +249,106 @@ class KernelOps:
                     (dy, dh_rec, dc_next, acts, c_prev, c, np.int32(n), np.int32(hidden),
                      dz, dc_prev))
 
+    # -- layer normalisation (kernels/layernorm.cu) -----------------------------------------
+    # Rows of (R, M) data; the row kernels run on the path layernorm_grid chooses from M.
+    def _layernorm_grid(self, rows: int, m: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        """:func:`layernorm_grid`; a test may replace it on an instance to force a path."""
+        return layernorm_grid(rows, m)
+
+    def _row_vector(self, v: Any, m: int, fill: float, dtype: Any) -> Any:
+        """``v`` as a contiguous ``(m,)`` array of ``dtype``, or ``fill`` repeated where None:
+        the kernels always scale and shift (by 1 and 0 without parameters, which is exact)."""
+        if v is None:
+            return self.xp.full((m,), fill, dtype=dtype)
+        return self.xp.ascontiguousarray(v.reshape(m), dtype=dtype)
+
+    def layernorm_forward(self, x: Any, weight: Any, bias: Any,
+                          eps: float) -> tuple[Any, Any, Any]:
+        """Kernel version of :meth:`gpunet.backends.Backend.layernorm_forward`: each row's
+        statistics and its normalised values in one launch (``ln_forward_warp`` or
+        ``ln_forward_block``)."""
+        rows, m = x.shape
+        t = x.dtype
+        y, mean, rstd = self.empty((rows, m), t), self.empty((rows,), t), self.empty((rows,), t)
+        if rows == 0:
+            return y, mean, rstd
+        x = self.xp.ascontiguousarray(x)
+        weight, bias = self._row_vector(weight, m, 1, t), self._row_vector(bias, m, 0, t)
+        path, grid, block = self._layernorm_grid(rows, m)
+        self.launch(f"ln_forward_{path}", t, grid, block,
+                    (x, weight, bias, np.int32(rows), np.int32(m), t.type(eps), y, mean, rstd))
+        return y, mean, rstd
+
+    def layernorm_backward(self, dy: Any, x: Any, mean: Any, rstd: Any,
+                           weight: Any) -> tuple[Any, Any, Any]:
+        """Kernel version of :meth:`gpunet.backends.Backend.layernorm_backward`: ``dx`` row by
+        row (``ln_backward_warp`` or ``ln_backward_block``), then, with a weight, ``dweight``
+        and ``dbias`` in one column reduction over the rows (``ln_param_grads``, then
+        ``ln_finish`` when the rows are split into chunks: :func:`reduction_grid` of
+        ``(R, M, 1)`` data, as BatchNorm's (N, C) sums)."""
+        rows, m = x.shape
+        t = x.dtype
+        dx = self.empty((rows, m), t)
+        if rows == 0:
+            if weight is None:
+                return dx, None, None
+            return dx, self.xp.zeros((m,), t), self.xp.zeros((m,), t)
+        dy, x = self.xp.ascontiguousarray(dy), self.xp.ascontiguousarray(x)
+        mean, rstd = self.xp.ascontiguousarray(mean), self.xp.ascontiguousarray(rstd)
+        path, grid, block = self._layernorm_grid(rows, m)
+        self.launch(f"ln_backward_{path}", t, grid, block,
+                    (dy, x, mean, rstd, self._row_vector(weight, m, 1, t), np.int32(rows),
+                     np.int32(m), dx))
+        if weight is None:
+            return dx, None, None
+        chunks, _ = self._reduction_grid(rows, m, 1)
+        sums = self.empty((2, m), t)
+        partials = sums if chunks == 1 else self.empty((2, m, chunks), t)
+        self.launch("ln_param_grads", t, (-(-m // 32), chunks), (32, 8),
+                    (dy, x, mean, rstd, np.int32(rows), np.int32(m), partials))
+        if chunks > 1:
+            self.launch("ln_finish", t, (-(-(2 * m) // 8),), (32, 8),
+                        (partials, np.int32(2 * m), np.int32(chunks), sums))
+        return dx, sums[0], sums[1]
+
+    # -- embeddings and GELU (kernels/embedding.cu, kernels/gelu.cu) ------------------------
+    def embedding_backward(self, dweight: Any, indices: Any, dy: Any,
+                           padding_idx: int | None = None) -> None:
+        """Kernel version of :meth:`gpunet.backends.Backend.embedding_backward`, without
+        atomics: a stable argsort groups equal indices in order of position (CuPy's argsort
+        is stable, on the device), then ``embedding_backward`` (one thread per sorted position
+        and feature) adds each run of equal indices into its row. No element has two writers
+        and each sum runs in position order, as the generic loop's does."""
+        _check_outputs("embedding_backward", dweight=dweight)
+        m, d = dy.shape
+        if m == 0:
+            return
+        indices = indices.astype(np.int64)
+        order = self.xp.argsort(indices, kind="stable").astype(np.int64, copy=False)
+        dy = self.xp.ascontiguousarray(dy)
+        total = m * d
+        self.launch("embedding_backward", dy.dtype, (_blocks(total, 256),), (256,),
+                    (dy, order, indices[order], np.int64(m), np.int32(d),
+                     np.int64(-1 if padding_idx is None else padding_idx), dweight))
+
+    def gelu(self, x: Any, approximate: str = "none") -> Any:
+        """Kernel version of :meth:`gpunet.backends.Backend.gelu`: one pass
+        (``gelu_forward``, the device's own ``erf`` or ``tanh``)."""
+        x = self.xp.ascontiguousarray(x)
+        y = self.empty(x.shape, x.dtype)
+        self.launch("gelu_forward", x.dtype, (_blocks(x.size, 256),), (256,),
+                    (x, np.int64(x.size), np.int32(approximate == "tanh"), y))
+        return y
+
+    def backprop_gelu(self, dy: Any, x: Any, approximate: str = "none") -> Any:
+        """Kernel version of :meth:`gpunet.backends.Backend.backprop_gelu`: one pass
+        (``gelu_backward``)."""
+        dy, x = self.xp.ascontiguousarray(dy), self.xp.ascontiguousarray(x)
+        dx = self.empty(x.shape, x.dtype)
+        self.launch("gelu_backward", x.dtype, (_blocks(x.size, 256),), (256,),
+                    (dy, x, np.int64(x.size), np.int32(approximate == "tanh"), dx))
+        return dx
+
 
 def _check_outputs(op: str, **outputs: Any) -> None:
     """Kernels write through a raw pointer: an output must be one C-contiguous block."""
@@ -256,3 +356,27 @@ def _check_outputs(op: str, **outputs: Any) -> None:
         if not a.flags.c_contiguous:
             raise ValueError(f"{op}: expected output {name} to be C-contiguous, "
                              f"got strides {a.strides}")
+
+
+#: Longest row one warp normalises alone (32 values per lane); longer rows get a block each.
+LAYERNORM_WARP_MAX = 1024
+
+
+def layernorm_grid(rows: int, m: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """``(path, grid, block)`` of the row kernels of layer normalisation over ``(rows, m)``
+    data (kernels/layernorm.cu), chosen by the row length ``m`` alone:
+
+    * ``m <= LAYERNORM_WARP_MAX``: ``"warp"``, one row per warp: ``ceil(rows / 8)`` blocks of
+      32 x 8 threads, each lane taking at most 32 values of its row. Short rows would leave
+      most threads of a block-per-row launch idle, and a warp needs no barrier.
+    * longer rows: ``"block"``, one row per block: ``rows`` blocks of
+      ``min(1024, 32 * ceil(m / 256))`` threads, about 8 values per thread (more above
+      8192), the warps' sums meeting in shared memory.
+
+    Since the path and the block size depend on ``m`` only, so does the summation order: a
+    row gives the same bits whatever the number of rows around it."""
+    if rows < 1 or m < 1:
+        raise ValueError(f"layernorm_grid: expected rows, m >= 1, got {(rows, m)}")
+    if m <= LAYERNORM_WARP_MAX:
+        return "warp", (-(-rows // 8),), (32, 8)
+    return "block", (rows,), (min(1024, 32 * -(-m // 256)),)

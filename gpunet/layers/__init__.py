@@ -12,6 +12,13 @@ from .pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D, Subsampling2D, Upsca
 from .reshape import Flatten
 from .recurrent import (GRU, LSTM, RNN, AvgPoolTime, LastStep, MultiplicativeRNN,
                         Recurrent2D, TimeMajor)
+from .conv import ConvTranspose2D
+from .recurrent import Bidirectional
+from .normalization import LayerNorm
+from .attention import AdditiveAttention, MultiHeadAttention
+from .activations import GELU
+from .embedding import Embedding, PositionalEncoding, PositionEmbedding
+from .reshape import Identity, Reshape
 
 __all__ = [
     "LAYERS", "Layer", "Parameter", "from_config", "Dense", "Sigmoid", "Tanh", "ReLU",
@@ -20,4 +27,8 @@ __all__ = [
     "Conv2D", "MaxPool2D", "AvgPool2D", "Subsampling2D", "Upscale2D", "GlobalAvgPool2D",
     "RNN", "LSTM", "GRU", "MultiplicativeRNN", "Recurrent2D", "AvgPoolTime", "LastStep",
     "TimeMajor",
+    "ConvTranspose2D", "Bidirectional",
+    "LayerNorm",
+    "MultiHeadAttention", "AdditiveAttention",
+    "GELU", "Embedding", "PositionEmbedding", "PositionalEncoding", "Identity", "Reshape",
 ]

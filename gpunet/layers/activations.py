@@ -160,6 +160,33 @@ class Softmax(Layer):
         return self.ops.backprop_softmax(dy, y, self.axis)
 
 
+class GELU(Layer):
+    """``y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))``, ``Phi`` the standard normal CDF
+    (Hendrycks and Gimpel 2016; the Transformer feed-forward activation of BERT and GPT).
+    ``approximate="tanh"``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, as PyTorch's
+    ``nn.GELU(approximate="tanh")``. ``dx = dy * (Phi(x) + x phi(x))`` (exact), ``phi`` the
+    normal density. Any shape; ``GELU()(x)``."""
+
+    APPROXIMATIONS = ("none", "tanh")
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in self.APPROXIMATIONS:
+            raise ValueError(f"GELU: expected approximate one of {self.APPROXIMATIONS}, "
+                             f"got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: Any, training: bool = True) -> Any:
+        self.check_input(x)
+        self.save_for_backward(x)
+        return self.ops.gelu(x, self.approximate)
+
+    def backward(self, dy: Any) -> Any:
+        (x,) = self.saved()
+        self.check_grad(dy, x.shape)
+        return self.ops.backprop_gelu(dy, x, self.approximate)
+
+
 def _axis_error(layer: Layer, x: Any) -> Exception:
     return ShapeError(f"{layer.name}: expected an input with axis {layer.axis}, "
                       f"got shape {tuple(x.shape)}")
@@ -240,4 +267,4 @@ class NonlinearityGenerator(_PerUnit):
 #: Parameter-free activations by lower-case name, for ``Sum(activation=...)`` and the CLI.
 ACTIVATIONS: dict[str, type[Layer]] = {
     cls.__name__.lower(): cls
-    for cls in (Sigmoid, Tanh, ReLU, LeakyReLU, ELU, SELU, Softplus, Softmax)}
+    for cls in (Sigmoid, Tanh, ReLU, LeakyReLU, ELU, SELU, Softplus, Softmax, GELU)}

@@ -111,8 +111,9 @@ class Layer:
     def set_input_grad(self, needed: bool) -> "Layer":
         """Whether ``backward`` must return the input gradient (it must by default). Nobody
         uses the gradient of the data a model's first layer reads: the Trainer turns it off
-        on its model, and a layer that can skip that work (Dense, Conv2D, RNN, LSTM, GRU)
-        then returns None, as PyTorch does for an input that does not require grad."""
+        on its model, and a layer that can skip that work (Dense, Conv2D, ConvTranspose2D,
+        RNN, LSTM, GRU, Bidirectional, MultiHeadAttention, AdditiveAttention) then returns
+        None, as PyTorch does for an input that does not require grad."""
         self.input_grad = bool(needed)
         return self
 

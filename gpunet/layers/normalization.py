@@ -1,7 +1,8 @@
-"""Batch normalisation."""
+"""Batch normalisation and layer normalisation."""
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -103,3 +104,78 @@ class BatchNorm(Layer):
         self.gamma.grad += dgamma
         self.beta.grad += dbeta
         return dx
+
+
+class LayerNorm(Layer):
+    """Layer normalisation over the trailing axes, as ``torch.nn.LayerNorm``.
+
+    Each sample's ``M = prod(normalized_shape)`` trailing values are normalised by their own
+    mean and biased variance, the same in training and in evaluation (no running estimates):
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``. Shapes: x ``(*, *normalized_shape)``,
+    y the same; parameters ``"weight"`` (ones) and ``"bias"`` (zeros) of shape
+    ``normalized_shape``, none with ``elementwise_affine=False``. Backward, with
+    ``rstd = 1 / sqrt(var + eps)``, ``xhat = (x - mean) * rstd``, ``g = dy * weight`` and means
+    over each sample's M values: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``;
+    ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)`` over the leading axes. Both passes are
+    ``ops.layernorm_forward`` and ``ops.layernorm_backward``: custom kernels on CUDA and the
+    emulated device.
+
+        >>> ln = LayerNorm(6)                           # (N, 6) or (T, N, 6) input
+        >>> ln(np.ones((4, 3, 6), np.float32)).shape
+        (4, 3, 6)
+        >>> LayerNorm((2, 3), elementwise_affine=False).params()
+        {}
+    """
+
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
+                 elementwise_affine: bool = True) -> None:
+        super().__init__()
+        self.normalized_shape = _normalized_shape(normalized_shape)
+        if not eps > 0:
+            raise ValueError(f"LayerNorm: expected eps > 0, got {eps}")
+        self.eps = float(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        self.weight = self.bias = None
+        if self.elementwise_affine:
+            self.weight = self.add_param("weight", np.ones(self.normalized_shape))
+            self.bias = self.add_param("bias", np.zeros(self.normalized_shape))
+
+    def forward(self, x: Any, training: bool = True) -> Any:
+        self.check_input(x)
+        k = len(self.normalized_shape)
+        if x.ndim < k or tuple(x.shape[x.ndim - k:]) != self.normalized_shape:
+            want = ", ".join(map(str, self.normalized_shape))
+            raise ShapeError(f"{self.name}: expected input of shape (*, {want}), "
+                             f"got {tuple(x.shape)}")
+        x2 = x.reshape(-1, math.prod(self.normalized_shape))  # one row per sample
+        weight, bias = ((self.weight.data.reshape(-1), self.bias.data.reshape(-1))
+                        if self.elementwise_affine else (None, None))
+        y, mean, rstd = self.ops.layernorm_forward(x2, weight, bias, self.eps)
+        self.save_for_backward(x2, mean, rstd, x.shape)
+        return y.reshape(x.shape)
+
+    def backward(self, dy: Any) -> Any:
+        x2, mean, rstd, shape = self.saved()
+        self.check_grad(dy, shape)
+        weight = self.weight.data.reshape(-1) if self.elementwise_affine else None
+        dx, dweight, dbias = self.ops.layernorm_backward(dy.reshape(x2.shape), x2, mean, rstd,
+                                                         weight)
+        if self.elementwise_affine:
+            self.weight.grad += dweight.reshape(self.normalized_shape)
+            self.bias.grad += dbias.reshape(self.normalized_shape)
+        return dx.reshape(shape)
+
+
+def _normalized_shape(value: Any) -> tuple[int, ...]:
+    """LayerNorm's ``normalized_shape`` (an int or a sequence of ints, as PyTorch takes it)
+    as a tuple of positive ints; a ValueError for anything else."""
+    dims = (value,) if isinstance(value, (int, np.integer)) else value
+    try:
+        ok = len(dims) > 0 and all(isinstance(d, (int, np.integer)) and
+                                   not isinstance(d, bool) and d >= 1 for d in dims)
+    except TypeError:  # not a sequence
+        ok = False
+    if not ok or isinstance(value, (bool, str)):
+        raise ValueError(f"LayerNorm: expected normalized_shape to be a positive int or a "
+                         f"non-empty sequence of positive ints, got {value!r}")
+    return tuple(int(d) for d in dims)

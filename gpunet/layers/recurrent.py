@@ -1,5 +1,6 @@
-"""Recurrent layers over time-major sequences ``(T, N, F)``, the 2-D recurrent layer, average
-pooling in time, and two helpers that turn batch-major data into what they take and back.
+"""Recurrent layers over time-major sequences ``(T, N, F)``, a wrapper that runs one of them in
+both directions, the 2-D recurrent layer, average pooling in time, and two helpers that turn
+batch-major data into what they take and back.
 
 Initial and final states, as in PyTorch's ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` but in
 gpunet's list convention for several inputs and outputs:
@@ -32,8 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import rng
-from ..errors import ShapeError
-from .base import Layer
+from ..errors import DTypeError, ShapeError
+from .base import Layer, from_config
 
 #: Activations of RNN, MultiplicativeRNN and Recurrent2D. Each backward is written from the
 #: output y (for ReLU, y > 0 exactly where the input was), so only y is kept.
@@ -59,6 +60,21 @@ def _check_activation(name: str, activation: str) -> str:
                          f"got {activation!r}")
     return activation
 
+
+
+def _split_output_grad(layer: str, dy: Any, finals: list[str],
+                       return_state: bool) -> tuple[Any, list[Any]]:
+    """``(gradient of every step, [gradient of each final state])`` from a recurrent layer's
+    output gradient: ``[dy, dh_T(, dc_T)]`` with ``return_state``, else ``dy`` alone (the
+    final states' gradients then None, meaning zero)."""
+    if not return_state:
+        return dy, [None] * len(finals)
+    if not isinstance(dy, (list, tuple)) or len(dy) != 1 + len(finals):
+        got = f"a list of {len(dy)}" if isinstance(dy, (list, tuple)) else type(dy).__name__
+        raise ShapeError(f"{layer}: expected the output gradient as a list "
+                         f"[dy, {', '.join('d' + f for f in finals)}] "
+                         f"(return_state=True), got {got}")
+    return dy[0], list(dy[1:])
 
 class _Recurrent(Layer):
     """What RNN, LSTM, GRU and MultiplicativeRNN share: reading the input sequences and
@@ -122,16 +138,7 @@ class _Recurrent(Layer):
         """The gradient of every step ``(T, N, H)`` and of each final state ``(N, H)``
         (zeros where not given)."""
         shape, finals = (steps, batch, self.hidden_size), [f"{s}_T" for s in self.state_names]
-        if self.return_state:
-            if not isinstance(dy, (list, tuple)) or len(dy) != 1 + len(finals):
-                got = (f"a list of {len(dy)}" if isinstance(dy, (list, tuple))
-                       else type(dy).__name__)
-                raise ShapeError(f"{self.name}: expected the output gradient as a list "
-                                 f"[dy, {', '.join('d' + f for f in finals)}] "
-                                 f"(return_state=True), got {got}")
-            seq, given = dy[0], list(dy[1:])
-        else:
-            seq, given = dy, [None] * len(finals)
+        seq, given = _split_output_grad(self.name, dy, finals, self.return_state)
         if seq is None:
             seq = self.ops.zeros(shape, self.dtype)
         else:
@@ -622,3 +629,126 @@ class TimeMajor(Layer):
         (shape,) = self.saved()
         self.check_grad(dy, (shape[1], shape[0], *shape[2:]))
         return dy.swapaxes(0, 1).copy()
+
+
+class Bidirectional(Layer):
+    """A recurrent layer run in both directions, as PyTorch's ``bidirectional=True``: the given
+    ``RNN``, ``LSTM`` or ``GRU`` reads the sequence forward in time, a second layer of the same
+    configuration (its own weights, drawn from gpunet's seeded stream) reads it backward:
+    ``y_fwd = layer(x)``, ``y_bwd = reverse(layer_bwd(reverse(x)))`` (reversed in time), and
+    ``y = [y_fwd, y_bwd]`` along the features (``merge="concat"``, forward first, as PyTorch's
+    output) or ``y = y_fwd + y_bwd`` (``merge="sum"``).
+
+    Shapes: x ``(T, N, I)``, y ``(T, N, 2H)`` (concat) or ``(T, N, H)`` (sum). Parameters are
+    the two layers' under ``"forward."`` and ``"backward."``, e.g. ``"forward.W_x"`` and
+    ``"backward.W_x"`` (PyTorch's ``weight_ih_l0`` and ``weight_ih_l0_reverse``). Initial and
+    final states take PyTorch's layout, one row per direction, forward first:
+    ``forward([x, h0])`` (LSTM: ``[x, h0, c0]``) with ``h0`` of shape ``(2, N, H)``, and with
+    ``return_state=True`` on the given layer the output is ``[y, h_n]`` (``[y, h_n, c_n]``),
+    ``h_n`` of shape ``(2, N, H)``; ``backward`` takes and returns lists as the wrapped layer
+    does. ``final_state`` holds ``(h_n,)`` or ``(h_n, c_n)`` after every forward. Backward
+    runs each direction's backpropagation through time on its part of ``dy`` (reversed for
+    the backward direction) and adds the two input gradients, the backward one reversed back.
+    As a container's layers, the given layer moves to the wrapper's device and dtype (the
+    CPU, float32, until ``to`` moves both directions).
+
+    Example::
+
+        bi = Bidirectional(LSTM(16, 32))  # (T, N, 16) -> (T, N, 64)
+    """
+
+    MERGES = ("concat", "sum")
+
+    def __init__(self, layer: Layer, merge: str = "concat") -> None:
+        super().__init__()
+        if not isinstance(layer, (RNN, LSTM, GRU)):
+            raise TypeError(f"Bidirectional: expected an RNN, LSTM or GRU layer, "
+                            f"got {type(layer).__name__}")
+        if merge not in self.MERGES:
+            raise ValueError(f"Bidirectional: expected merge one of {self.MERGES}, got {merge!r}")
+        self.merge = merge
+        self.input_size, self.hidden_size = layer.input_sizes[0], layer.hidden_size
+        self.state_names, self.return_state = layer.state_names, layer.return_state
+        self.forward_layer = layer.to(self.ops, self.dtype)
+        # rebuilt from its description: the same configuration, fresh weights
+        self.backward_layer = from_config(layer.config()).to(self.ops, self.dtype)
+        self.set_input_grad(layer.input_grad)
+        self.final_state: tuple[Any, ...] = ()
+
+    def children(self) -> dict[str, Layer]:
+        return {"forward": self.forward_layer, "backward": self.backward_layer}
+
+    def set_input_grad(self, needed: bool) -> "Bidirectional":
+        for layer in (self.forward_layer, self.backward_layer):
+            layer.set_input_grad(needed)
+        return super().set_input_grad(needed)
+
+    def forget(self) -> None:
+        for layer in (self, self.forward_layer, self.backward_layer):
+            Layer.forget(layer)
+
+    def _inputs(self, x: Any) -> tuple[Any, list[Any], bool]:
+        """``(x, initial states given, whether a list was given)``, checked."""
+        states = [f"{s}0" for s in self.state_names]
+        if isinstance(x, (list, tuple)):
+            items, multi = list(x), True
+            if not 1 <= len(items) <= 1 + len(states):
+                raise ShapeError(f"{self.name}: expected x, [x] or [x, {', '.join(states)}] "
+                                 f"(leading states optional), got a list of {len(items)}")
+        else:
+            items, multi = [x], False
+        seq = items[0]
+        self.check_input(seq)
+        if seq.ndim != 3 or seq.shape[2] != self.input_size or 0 in seq.shape[:2]:
+            raise ShapeError(f"{self.name}: expected input of shape (T, N, {self.input_size}) "
+                             f"(time-major, T and N at least 1), got {tuple(seq.shape)}")
+        if seq.dtype != self.dtype:
+            raise DTypeError(f"{self.name}: expected input of dtype {self.dtype}, "
+                             f"got {seq.dtype}")
+        for name, s in zip(states, items[1:]):
+            self.check_input(s, (2, seq.shape[1], self.hidden_size),
+                             what=f"initial state {name} (forward direction first)")
+        return seq, items[1:], multi
+
+    def forward(self, x: Any, training: bool = True) -> Any:
+        seq, states, multi = self._inputs(x)
+        reverse = seq[::-1]
+        out_f = self.forward_layer.forward([seq, *(s[0] for s in states)] if multi else seq,
+                                           training)
+        out_b = self.backward_layer.forward([reverse, *(s[1] for s in states)] if multi
+                                            else reverse, training)
+        y_f, y_b = (out_f[0], out_b[0]) if self.return_state else (out_f, out_b)
+        y_b = y_b[::-1]  # back in forward time
+        y = self.ops.concat([y_f, y_b], 2) if self.merge == "concat" else y_f + y_b
+        self.final_state = tuple(  # (2, N, H): PyTorch's h_n of one bidirectional layer
+            self.ops.concat([f[None], b[None]], 0)
+            for f, b in zip(self.forward_layer.final_state, self.backward_layer.final_state))
+        self.save_for_backward(tuple(seq.shape), multi)
+        return [y, *self.final_state] if self.return_state else y
+
+    def backward(self, dy: Any) -> Any:
+        (steps, batch, _), multi = self.saved()
+        h, finals = self.hidden_size, [f"{s}_T" for s in self.state_names]
+        seq, given = _split_output_grad(self.name, dy, finals, self.return_state)
+        width = 2 * h if self.merge == "concat" else h
+        if seq is not None or not self.return_state:  # None: a zero gradient
+            self.check_grad(seq, (steps, batch, width))
+        for name, g in zip(finals, given):
+            if g is not None:
+                self.check_grad(g, (2, batch, h), what=f"gradient of the final state {name}")
+        if seq is None:
+            dy_f = dy_b = None
+        elif self.merge == "concat":
+            dy_f, dy_b = seq[:, :, :h], seq[:, :, h:][::-1]
+        else:  # the sum passes dy to both
+            dy_f, dy_b = seq, seq[::-1]
+        if self.return_state:
+            dy_f = [dy_f, *(None if g is None else g[0] for g in given)]
+            dy_b = [dy_b, *(None if g is None else g[1] for g in given)]
+        grads_f = self.forward_layer.backward(dy_f)
+        grads_b = self.backward_layer.backward(dy_b)
+        if not multi:
+            return None if grads_f is None else grads_f + grads_b[::-1]
+        dx = None if grads_f[0] is None else grads_f[0] + grads_b[0][::-1]
+        return [dx, *(self.ops.concat([f[None], b[None]], 0)
+                      for f, b in zip(grads_f[1:], grads_b[1:]))]
