@@ -1,9 +1,11 @@
-"""The ``gpunet`` command: ``gpunet train``, ``gpunet parity`` and ``gpunet info``."""
+"""The ``gpunet`` command: ``gpunet train``, ``gpunet sample``, ``gpunet parity``,
+``gpunet info`` and ``gpunet bench``."""
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import math
 import platform
 import sys
 import time
@@ -20,9 +22,13 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--data", required=True,
                    help="dataset: digits (embedded), mnist (with --data-dir), spirals, blobs, "
                         "shapes (segmentation), adding (regression; --seq-len), digits-rows "
-                        "(sequences)")
+                        "(sequences), reverse (token sequences to reverse), text (with "
+                        "--data-file)")
     p.add_argument("--data-dir", help="directory of the dataset's files (mnist: the four IDX files)")
-    p.add_argument("--seq-len", type=int, help="sequence length of the adding problem (default 50)")
+    p.add_argument("--data-file", help="the text file of --data text (character-level language "
+                                       "modelling; test perplexity reported)")
+    p.add_argument("--seq-len", type=int,
+                   help="sequence length: adding (default 50), reverse (8), text (64)")
     p.add_argument("--epochs", type=int, help="number of epochs (model default)")
     p.add_argument("--batch-size", type=int, help="mini-batch size (model default)")
     p.add_argument("--lr", type=float, help="learning rate (model default)")
@@ -58,7 +64,8 @@ def _split(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
         return train, None
     order = np.random.default_rng(seed).permutation(len(train))
     pick = lambda idx: Dataset(train.x[idx], train.y[idx], name=train.name,
-                               num_classes=train.num_classes)
+                               num_classes=train.num_classes, vocabulary=train.vocabulary,
+                               tokens=train.tokens)
     return pick(order[n_val:]), pick(order[:n_val])
 
 
@@ -89,6 +96,12 @@ def train(args: argparse.Namespace) -> int:
         kwargs["flat"] = False  # models flatten what they need; conv models want images
     if args.data_dir is not None:
         kwargs["path"] = args.data_dir
+    if args.data_file is not None:
+        if args.data != "text":
+            raise ValueError(f"--data-file: dataset {args.data!r} reads no file (--data text does)")
+        kwargs["path"] = args.data_file
+    elif args.data == "text":
+        raise ValueError("--data text needs --data-file PATH, the text to model")
     if args.seq_len is not None:
         if "seq_len" not in params:
             raise ValueError(f"--seq-len: dataset {args.data!r} has no sequence length to set")
@@ -96,7 +109,14 @@ def train(args: argparse.Namespace) -> int:
     train_set, test_set = loader(**kwargs)
     train_set, val_set = _split(train_set, args.val_fraction, args.seed)
 
-    model = spec.build(train_set.input_shape, train_set.num_classes)
+    language_model = train_set.vocabulary is not None  # targets: the next tokens
+    build_kwargs = {}
+    if language_model:
+        if "causal" not in inspect.signature(spec.build).parameters:
+            raise ValueError(f"--data text: model {args.model!r} cannot be made causal (it "
+                             "would see the characters it predicts); use transformer")
+        build_kwargs["causal"] = True
+    model = spec.build(train_set.input_shape, train_set.num_classes, **build_kwargs)
     opt_cls = optim.OPTIMIZERS[settings["optimizer"]]
     opt_kwargs = {"momentum": args.momentum} if settings["optimizer"] == "sgd" else {}
     for layer in model.walk():
@@ -127,6 +147,8 @@ def train(args: argparse.Namespace) -> int:
     if spec.metric is not None:  # the model's own metric takes accuracy's place: test_dice
         metrics["test_accuracy"] = None
         metrics[f"test_{spec.metric.__name__}"] = scores["accuracy"]
+    if language_model:
+        metrics["test_perplexity"] = math.exp(scores["loss"])
     if comm.size > 1:
         metrics["ranks"] = comm.size
     if comm.rank != 0:
@@ -136,7 +158,9 @@ def train(args: argparse.Namespace) -> int:
         with open(args.metrics_out, "w") as f:
             json.dump(metrics, f, indent=2)
     if args.save:
-        save(model, args.save)
+        meta = ({"vocabulary": train_set.vocabulary, "seq_len": int(train_set.input_shape[0])}
+                if language_model else None)
+        save(model, args.save, meta)
     return 0
 
 
@@ -176,6 +200,55 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_parser(sub: Any) -> None:
+    p = sub.add_parser("sample", help="generate text from a saved character-level model",
+                       description="Continue PROMPT by LENGTH characters with a model saved by "
+                                   "`gpunet train transformer --data text --data-file FILE "
+                                   "--save PATH`, one character at a time.")
+    p.add_argument("model_file", metavar="MODEL_FILE", help="the saved model (.npz)")
+    p.add_argument("--prompt", required=True, help="the text to continue (its characters must "
+                                                   "be in the model's vocabulary)")
+    p.add_argument("--length", type=int, default=200, help="characters to add (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 takes the likeliest character (default 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="device to run on (default auto)")
+
+
+def sample(args: argparse.Namespace) -> int:
+    from .backends import get_device, to_numpy
+    from .serialize import load, read_meta
+
+    if args.length < 0 or args.temperature < 0:
+        raise ValueError(f"--length and --temperature must be >= 0, got {args.length} and "
+                         f"{args.temperature}")
+    meta = read_meta(args.model_file)
+    vocabulary, window = meta.get("vocabulary"), meta.get("seq_len")
+    if not isinstance(vocabulary, str) or not isinstance(window, int):
+        raise ValueError(f"{args.model_file}: not a text model (no vocabulary saved with it); "
+                         "save one with gpunet train transformer --data text --data-file FILE "
+                         "--save PATH")
+    unknown = sorted(set(args.prompt) - set(vocabulary))
+    if not args.prompt or unknown:
+        raise ValueError(f"--prompt: expected characters of the model's vocabulary, got "
+                         f"{'an empty prompt' if not args.prompt else f'unknown {unknown}'}")
+    device = get_device(args.device)
+    model = load(args.model_file, device=device)
+    ids = [vocabulary.index(c) for c in args.prompt]
+    g = np.random.default_rng(args.seed)
+    for _ in range(args.length):
+        context = np.array([ids[-window:]], dtype=np.int64)
+        logits = to_numpy(model.forward(device.asarray(context), training=False))[0, -1]
+        if args.temperature == 0:
+            ids.append(int(np.argmax(logits)))
+            continue
+        z = logits.astype(np.float64) / args.temperature
+        p = np.exp(z - z.max())
+        ids.append(int(g.choice(len(vocabulary), p=p / p.sum())))
+    print("".join(vocabulary[i] for i in ids))
+    return 0
+
+
 def _parity_parser(sub: Any) -> None:
     p = sub.add_parser("parity", help="compare every layer on every available device",
                        description="Run every layer of the parity registry on every available "
@@ -207,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "neural networks on NumPy (CPU) or CuPy (NVIDIA GPU).")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _sample_parser(sub)
     _parity_parser(sub)
     sub.add_parser("info", help="versions, the chosen device and what is usable",
                    description="Print versions, the device 'auto' picks, the GPU name when "
@@ -219,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
     try:
-        return {"train": train, "info": info, "parity": parity}[args.command](args)
+        return {"train": train, "sample": sample, "info": info,
+                "parity": parity}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"gpunet {args.command}: error: {e}", file=sys.stderr)
         return 2

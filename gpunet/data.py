@@ -52,11 +52,17 @@ _MNIST_SOURCE = ("https://ossci-datasets.s3.amazonaws.com/mnist/ (the mirror tor
 
 
 class Dataset:
-    """Inputs ``x`` of shape ``(N, *input_shape)`` (float32) and targets ``y`` of shape
-    ``(N, ...)``: int64 class labels in ``[0, num_classes)``, or float32 targets."""
+    """Inputs ``x`` of shape ``(N, *input_shape)`` (float32, or int64 token indices with
+    ``tokens=True``) and targets ``y`` of shape ``(N, ...)``: int64 class labels in
+    ``[0, num_classes)``, or float32 targets."""
 
-    def __init__(self, x: Any, y: Any, name: str = "", num_classes: int | None = None) -> None:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def __init__(self, x: Any, y: Any, name: str = "", num_classes: int | None = None,
+                 vocabulary: str | None = None, tokens: bool = False) -> None:
+        x = np.asarray(x)
+        if tokens and not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"dataset {name!r}: tokens=True needs integer x, got dtype "
+                             f"{x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.int64 if tokens else np.float32)
         y = np.asarray(y)
         y = np.ascontiguousarray(y, dtype=np.int64 if np.issubdtype(y.dtype, np.integer)
                                  else np.float32)
@@ -76,6 +82,11 @@ class Dataset:
         self.y = y
         self.name = name
         self.num_classes = num_classes
+        self.tokens = tokens
+        #: For text: the characters the token indices stand for (index i is vocabulary[i]).
+        #: The targets are then the inputs shifted by one position (next-token prediction),
+        #: so a model must not look ahead.
+        self.vocabulary = vocabulary
 
     def __len__(self) -> int:
         return len(self.x)
@@ -349,6 +360,63 @@ def digits_rows(test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
     return rows(train), rows(test)
 
 
+def reverse(seq_len: int = 8, vocab: int = 10, n_train: int = 4000, n_test: int = 500,
+            seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Sequences to be reversed, as ``(train, test)``: ``x`` int64 ``(N, seq_len)`` of tokens
+    drawn uniformly from ``[0, vocab)``, ``y = x[:, ::-1]``, ``num_classes = vocab`` (one
+    vocabulary for inputs and targets). A per-token task for a model whose output position
+    ``t`` must read input position ``seq_len - 1 - t``: attention does that in one step, a
+    left-to-right recurrence must carry the whole sequence. Seeded by ``seed`` alone."""
+    if seq_len < 2 or vocab < 2 or n_train < 1 or n_test < 1:
+        raise ValueError(f"reverse: expected seq_len >= 2, vocab >= 2, n_train >= 1 and "
+                         f"n_test >= 1, got {seq_len}, {vocab}, {n_train} and {n_test}")
+    x = np.random.default_rng(seed).integers(0, vocab, (n_train + n_test, seq_len))
+    y = x[:, ::-1]
+    return (Dataset(x[:n_train], y[:n_train], "reverse", vocab, tokens=True),
+            Dataset(x[n_train:], y[n_train:], "reverse", vocab, tokens=True))
+
+
+#: The most tokens :func:`text` puts in a dataset's windows (128 MiB of int64 inputs).
+TEXT_MAX_TOKENS = 1 << 24
+
+
+def text(path: str | os.PathLike, seq_len: int = 64,
+         test_fraction: float = 0.1) -> tuple[Dataset, Dataset]:
+    """Character-level language modelling of the UTF-8 text file ``path``, as ``(train,
+    test)``: the vocabulary is the file's distinct characters (sorted), the first
+    ``1 - test_fraction`` of the text is for training and the rest for testing, each read as
+    windows of ``seq_len`` characters (``x``, int64 ``(N, seq_len)``) whose targets ``y`` are
+    the next characters (``x`` shifted by one). Windows start at every character, so a model
+    sees each piece of text at every position of its window (as a sampler that slides along
+    the text will show it), unless that would hold more than :data:`TEXT_MAX_TOKENS` tokens:
+    then they start every few characters, evenly spread. ``vocabulary`` is set on both."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text: no file {str(path)!r} (--data-file)")
+    try:
+        chars = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text: {path} is not UTF-8 text ({e})") from None
+    if seq_len < 1 or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"text: expected seq_len >= 1 and test_fraction in (0, 1), got "
+                         f"{seq_len} and {test_fraction}")
+    vocabulary = "".join(sorted(set(chars)))
+    ids = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+    ids = np.searchsorted(np.frombuffer(vocabulary.encode("utf-32-le"), dtype=np.uint32), ids)
+    cut = int(len(ids) * (1 - test_fraction))
+
+    def windows(part: np.ndarray) -> Dataset:
+        starts = len(part) - seq_len  # windows and their shifted targets fit before the end
+        if starts < 1:
+            raise ValueError(f"text: {path} is too short for windows of {seq_len} characters "
+                             f"in both the train and the test part ({len(ids)} characters)")
+        stride = max(1, -(-starts * seq_len // TEXT_MAX_TOKENS))
+        first = np.arange(0, starts, stride)[:, None] + np.arange(seq_len)
+        return Dataset(part[first], part[first + 1], "text", len(vocabulary), vocabulary,
+                       tokens=True)
+    return windows(ids[:cut]), windows(ids[cut:])
+
+
 DATASETS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
     "adding": adding,
     "digits-rows": digits_rows,
@@ -357,6 +425,8 @@ DATASETS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
     "spirals": spirals,
     "blobs": blobs,
     "shapes": shapes,
+    "reverse": reverse,
+    "text": text,
 }
 
 

@@ -15,6 +15,8 @@ from .layers import (Concat, Conv2D, Dense, Flatten, Graph, MaxPool2D, ReLU, Seq
 from .layers.base import Layer
 from .losses import DiceLoss, Loss, SoftmaxCrossEntropy, dice
 from .layers import GRU, LSTM, LastStep, TimeMajor
+from .layers import GELU, Embedding, LayerNorm, MultiHeadAttention, PositionalEncoding, Sum
+from .layers import ConvTranspose2D
 from .losses import MSE
 
 
@@ -100,14 +102,25 @@ def _conv_block(g: Graph, name: str, source: str, cin: int, cout: int) -> str:
 @register("unet", DiceLoss, "U-Net: two down and two up levels, Concat skips, Upscale2D, "
           "sigmoid output; Dice loss; reports the Dice coefficient", metric=dice,
           epochs=6, batch_size=16, lr=3e-3, optimizer="adam")
-def unet(input_shape: tuple[int, ...], num_classes: int | None, width: int = 8) -> Layer:
+def unet(input_shape: tuple[int, ...], num_classes: int | None, width: int = 8,
+         upsample: str = "upscale") -> Layer:
     """A small U-Net for images ``(C, H, W)`` with ``H`` and ``W`` divisible by 4: encoder
     blocks of ``width`` and ``2 width`` channels, each followed by 2x2 max pooling, a
     bottleneck of ``4 width``, then per level Upscale2D(2), Concat with the encoder's skip
-    and a block; a 1x1 convolution to ``num_classes`` (default 1) maps and a sigmoid."""
+    and a block; a 1x1 convolution to ``num_classes`` (default 1) maps and a sigmoid.
+    ``upsample="transpose"`` upsamples with a learnable ``ConvTranspose2D(k, k, 2, stride=2)``
+    instead of the nearest-neighbour ``Upscale2D(2)``."""
     if len(input_shape) != 3 or input_shape[1] % 4 or input_shape[2] % 4:
         raise ValueError(f"unet: expected images of shape (C, H, W) with H and W divisible "
                          f"by 4, got input shape {tuple(input_shape)}")
+    if upsample not in ("upscale", "transpose"):
+        raise ValueError(f"unet: expected upsample 'upscale' or 'transpose', got {upsample!r}")
+
+    def up(channels: int) -> Layer:  # doubles H and W, keeps the channels
+        if upsample == "transpose":
+            return ConvTranspose2D(channels, channels, 2, stride=2)
+        return Upscale2D(2)
+
     c = input_shape[0]
     g = Graph("x")
     e1 = _conv_block(g, "enc1", "x", c, width)
@@ -115,10 +128,10 @@ def unet(input_shape: tuple[int, ...], num_classes: int | None, width: int = 8) 
     e2 = _conv_block(g, "enc2", "pool1", width, 2 * width)
     g.add("pool2", MaxPool2D(2), e2)
     b = _conv_block(g, "mid", "pool2", 2 * width, 4 * width)
-    g.add("up2", Upscale2D(2), b)
+    g.add("up2", up(4 * width), b)
     g.add("cat2", Concat(axis=1), ["up2", e2])
     d2 = _conv_block(g, "dec2", "cat2", 6 * width, 2 * width)
-    g.add("up1", Upscale2D(2), d2)
+    g.add("up1", up(2 * width), d2)
     g.add("cat1", Concat(axis=1), ["up1", e1])
     d1 = _conv_block(g, "dec1", "cat1", 3 * width, width)
     g.add("head", Conv2D(width, num_classes or 1, 1, init="glorot_uniform"), d1)
@@ -155,3 +168,42 @@ def lstm(input_shape: tuple[int, ...], num_classes: int | None, hidden: int = 64
 def gru(input_shape: tuple[int, ...], num_classes: int | None, hidden: int = 64) -> Layer:
     """As :func:`lstm` with a ``GRU``."""
     return _sequence_model(GRU, input_shape, num_classes, hidden)
+
+
+def _transformer_block(embed_dim: int, heads: int, hidden: int, dropout: float,
+                       causal: bool) -> Graph:
+    """One pre-LayerNorm Transformer block on ``(T, N, E)``:
+    ``h = x + Attention(LN(x))``, ``y = h + W2 GELU(W1 LN(h))``."""
+    g = Graph("x")
+    g.add("ln1", LayerNorm(embed_dim), "x")
+    g.add("attn", MultiHeadAttention(embed_dim, heads, dropout=dropout, causal=causal), "ln1")
+    g.add("h", Sum(), ["attn", "x"])
+    g.add("ln2", LayerNorm(embed_dim), "h")
+    g.add("fc1", Dense(embed_dim, hidden), "ln2")
+    g.add("gelu", GELU(), "fc1")
+    g.add("fc2", Dense(hidden, embed_dim), "gelu")
+    g.add("y", Sum(), ["fc2", "h"])
+    return g
+
+
+@register("transformer", SoftmaxCrossEntropy, "Transformer encoder on token sequences (N, T): "
+          "embedding plus sinusoidal positions, 2 pre-LayerNorm blocks (4 heads, E 64, GELU "
+          "MLP 128), per-token logits", epochs=12, batch_size=64, lr=3e-3, optimizer="adam")
+def transformer(input_shape: tuple[int, ...], num_classes: int | None, embed_dim: int = 64,
+                heads: int = 4, blocks: int = 2, hidden: int = 128, dropout: float = 0.0,
+                causal: bool = False) -> Layer:
+    """A Transformer encoder for token sequences ``(N, T)`` (integers in
+    ``[0, num_classes)``: inputs and outputs share one vocabulary) to per-token logits
+    ``(N, T, num_classes)``: ``Embedding``, sinusoidal ``PositionalEncoding``, ``blocks``
+    pre-LayerNorm blocks of multi-head self-attention and a GELU MLP with residual
+    connections (:func:`_transformer_block`), a final ``LayerNorm`` and a ``Dense`` read-out.
+    ``causal=True`` lets position t attend to positions up to t only (a language model)."""
+    if len(input_shape) != 1 or not num_classes:
+        raise ValueError(f"transformer: expected token sequences of shape (T,) per sample with "
+                         f"class labels, got input shape {tuple(input_shape)} and "
+                         f"num_classes={num_classes}")
+    return Sequential([Embedding(num_classes, embed_dim), TimeMajor(),
+                       PositionalEncoding(embed_dim, max_len=max(input_shape[0], 1)),
+                       *[_transformer_block(embed_dim, heads, hidden, dropout, causal)
+                         for _ in range(blocks)],
+                       LayerNorm(embed_dim), Dense(embed_dim, num_classes), TimeMajor()])

@@ -111,10 +111,21 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def save(model: Layer, path: str | os.PathLike) -> None:
-    """Write ``model`` (architecture, parameters and state) to ``path``."""
-    _write(path, {"kind": "model", "architecture": model.config(), "dtype": str(model.dtype)},
-           _model_arrays(model))
+def save(model: Layer, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (architecture, parameters and state) to ``path``, with ``meta``: JSON
+    data that belongs with the model (a text model's vocabulary), read by :func:`read_meta`."""
+    _write(path, {"kind": "model", "architecture": model.config(), "dtype": str(model.dtype),
+                  "meta": _json(meta or {})}, _model_arrays(model))
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` saved with a model or checkpoint (``{}`` when there is none); the file is
+    checked as :func:`load` checks it."""
+    header, _ = _read(path)
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the file's metadata is not a JSON object")
+    return meta
 
 
 def load(path: str | os.PathLike, device: str | Backend = "cpu") -> Layer:

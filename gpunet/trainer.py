@@ -109,7 +109,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     def _batch(self, xb: np.ndarray, yb: np.ndarray) -> tuple[Any, Any]:
-        return self.device.asarray(xb, dtype=self.model.dtype), self.device.asarray(yb)
+        # float inputs take the model's dtype; integer ones (token indices) stay integers
+        dtype = self.model.dtype if xb.dtype.kind == "f" else None
+        return self.device.asarray(xb, dtype=dtype), self.device.asarray(yb)
 
     @on_device
     def fit(self, train: Dataset, epochs: int, batch_size: int = 32, val: Dataset | None = None,
@@ -273,7 +275,8 @@ class Trainer:
     @on_device
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Model outputs for ``x`` in eval mode, as a NumPy array (read back once)."""
-        outs = [self.model.forward(self.device.asarray(x[i:i + batch_size],
-                                                       dtype=self.model.dtype), training=False)
+        dtype = self.model.dtype if np.asarray(x).dtype.kind == "f" else None
+        outs = [self.model.forward(self.device.asarray(x[i:i + batch_size], dtype=dtype),
+                                   training=False)
                 for i in range(0, len(x), batch_size)]
         return to_numpy(self.device.concat(outs, axis=0))
