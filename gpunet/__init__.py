@@ -13,6 +13,8 @@ from .layers import Graph, Layer, Parameter, Sequential
 from .losses import (MSE, BinaryCrossEntropy, BinaryCrossEntropyWithLogits,
                      NegativeLogProbability, SoftmaxCrossEntropy)
 from .losses import DiceLoss, FocalLoss
+from . import ops
+from .losses import ContentLoss, StyleLoss
 from .rng import seed
 from .serialize import load, save
 from .trainer import Trainer
@@ -26,4 +28,5 @@ __all__ = [
     "SoftmaxCrossEntropy", "ShapeError", "DTypeError", "DeviceError", "StateError",
     "CheckpointError", "KernelCompileError", "TrainingDiverged", "__version__",
     "FocalLoss", "DiceLoss",
+    "ops", "ContentLoss", "StyleLoss",
 ]

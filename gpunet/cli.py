@@ -53,6 +53,29 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--sync-batchnorm", action="store_true",
                    help="with --distributed: BatchNorm statistics over all ranks' samples "
                         "(default: per rank)")
+    p.add_argument("--augment", nargs="?", const="crop,flip", metavar="crop,flip",
+                   help="augment the training images (N, C, H, W), never the validation or "
+                        "test ones: crop = random crop back to H x W after zero padding of "
+                        "max(1, min(H, W) // 8) pixels (random shifts: 1 on digits, 3 on "
+                        "mnist), flip = random horizontal flip (p 0.5); a bare --augment is "
+                        "both. Digits are not mirror-symmetric: use --augment crop for them. "
+                        "Segmentation masks (shapes) get their image's crop and flip")
+    gan = p.add_argument_group("gan only", "options of `gpunet train gan` (--data digits or "
+                               "mnist; defaults: 400 epochs, batch 64, Adam lr 2e-4)")
+    gan.add_argument("--k", type=int, help="discriminator steps per generator step (default 1)")
+    gan.add_argument("--noise-dim", type=int, help="length of the generator's noise input "
+                                                   "(default 32)")
+    gan.add_argument("--loss", choices=["non-saturating", "minimax"],
+                     help="generator loss: -log D(G(z)) (non-saturating, default) or "
+                          "log(1 - D(G(z))) (minimax)")
+    gan.add_argument("--label-smoothing", action="store_true", default=None,
+                     help="one-sided label smoothing: real samples labelled 0.9")
+    gan.add_argument("--samples-dir", metavar="DIR",
+                     help="write a PNG grid of samples from fixed noise after every epoch and "
+                          "the loss curves (losses.png) here (matplotlib: the bench extra)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="embed: draw the test embeddings projected to 2-D (PCA), coloured by "
+                        'class; needs matplotlib: pip install "gpunet[bench]"')
 
 
 def _split(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -76,11 +99,25 @@ def train(args: argparse.Namespace) -> int:
     from .layers import BatchNorm
     from .serialize import save
     from .trainer import Trainer
+    from .augment import recipe
 
+    from . import gan
+    if args.model == "gan":  # two models and their own loop: gpunet.gan
+        return gan.train_command(args)
+    for option in gan.OPTIONS:
+        if getattr(args, option) is not None:
+            raise ValueError(f"--{option.replace('_', '-')}: only gpunet train gan takes it")
     spec = models.get(args.model)
     settings = {**spec.defaults, **{k: getattr(args, k) for k in
                                     ("epochs", "batch_size", "lr", "optimizer", "clip_norm")
                                     if getattr(args, k) is not None}}
+    if args.plot is not None:  # fail before training, not after
+        if spec.plot is None:
+            raise ValueError(f"--plot: model {args.model!r} draws no plot (embed does)")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError('--plot needs matplotlib: pip install "gpunet[bench]"') from None
     device = get_device(args.device)
     if args.distributed and device.type == "cuda":
         count = device.xp.cuda.runtime.getDeviceCount()
@@ -108,6 +145,13 @@ def train(args: argparse.Namespace) -> int:
         kwargs["seq_len"] = args.seq_len
     train_set, test_set = loader(**kwargs)
     train_set, val_set = _split(train_set, args.val_fraction, args.seed)
+    augment = None
+    if args.augment is not None:
+        if len(train_set.input_shape) != 3 or train_set.tokens:
+            raise ValueError(f"--augment: dataset {args.data!r} is not images (N, C, H, W) "
+                             f"(its samples have shape {tuple(train_set.input_shape)}); "
+                             "augmentation is for image data such as digits, mnist, shapes")
+        augment = recipe(args.augment, train_set.input_shape)
 
     language_model = train_set.vocabulary is not None  # targets: the next tokens
     build_kwargs = {}
@@ -136,7 +180,8 @@ def train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         trainer.fit(train_set, settings["epochs"], settings["batch_size"], val=val_set,
-                    checkpoint=args.checkpoint, resume=args.resume, seed=args.seed)
+                    checkpoint=args.checkpoint, resume=args.resume, seed=args.seed,
+                    augment=augment)
     except TrainingDiverged as e:
         print(f"gpunet: {e}", file=sys.stderr)
         return 1
@@ -153,6 +198,11 @@ def train(args: argparse.Namespace) -> int:
         metrics["ranks"] = comm.size
     if comm.rank != 0:
         return 0
+    if spec.evaluate is not None:  # the model's own test metrics (embed: 1-NN accuracy)
+        metrics.update(spec.evaluate(trainer, train_set, test_set))
+    if args.plot is not None:
+        spec.plot(trainer, test_set, args.plot)
+        print(f"gpunet: wrote {args.plot}", file=sys.stderr)
     print(json.dumps(metrics))
     if args.metrics_out:
         with open(args.metrics_out, "w") as f:

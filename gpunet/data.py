@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import rng
+from .augment import Transform, check_images
 
 # Seed of the digits train/test split: fixed so the test set never changes.
 _DIGITS_SPLIT_SEED = 0
@@ -453,11 +454,18 @@ class DataLoader:
     next ``batch_size * world`` positions of the shared order and each rank reads its own
     consecutive share, so the ranks together see exactly the batches one process would with
     ``batch_size * world``, disjoint, and the whole epoch.
+
+    ``augment`` (a :class:`gpunet.augment.Transform`, images ``(N, C, H, W)`` only) transforms
+    each batch on the host. Its draws come from ``default_rng([seed, epoch, 1])``, a stream
+    apart from the order's, one row per position of the epoch's order: like the order they
+    depend only on ``seed`` and the epoch, and the ranks of a data-parallel run together
+    augment exactly as one process would. Targets with the images' ``(H, W)`` (segmentation
+    masks) get the same flip and crop as their images.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 32, shuffle: bool = True,
                  drop_last: bool = False, seed: int | None = None, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, augment: Transform | None = None) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank must lie in [0, world), got rank {rank} of {world}")
         if int(batch_size) != batch_size or batch_size < 1:
@@ -473,6 +481,14 @@ class DataLoader:
         self.seed = int(seed)
         self.epoch = 0
         self.rank, self.world = rank, world
+        if augment is not None:
+            if not isinstance(augment, Transform):
+                raise TypeError(f"DataLoader: expected augment to be a gpunet.augment."
+                                f"Transform, got {type(augment).__name__}")
+            check_images(dataset.x, "DataLoader: augment", what=f"dataset {dataset.name!r}")
+        self.augment = augment
+        y = dataset.y
+        self._augment_targets = y.ndim == 4 and y.shape[2:] == dataset.x.shape[2:]
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration uses."""
@@ -494,7 +510,14 @@ class DataLoader:
         n, total = len(self.dataset), self.batch_size * self.world
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
                  else np.arange(n))
+        drawn = (None if self.augment is None else
+                 self.augment.draw(n, np.random.default_rng([self.seed, self.epoch, 1])))
         for start in range(0, len(self) * total, total):
-            chunk = order[start:start + total]
             # equal shares of a full step; a last, partial step is split as evenly as it goes
-            yield self.dataset[np.array_split(chunk, self.world)[self.rank]]
+            mine = np.array_split(np.arange(start, min(start + total, n)), self.world)[self.rank]
+            xb, yb = self.dataset[order[mine]]
+            if drawn is not None:
+                params = self.augment.take(drawn, mine)
+                xb = self.augment.apply(xb, params)
+                yb = self.augment.apply(yb, params) if self._augment_targets else yb
+            yield xb, yb

@@ -16,6 +16,12 @@ terms, one per position; ``reduction="mean"`` divides it by the number of positi
   computed without overflow.
 - :class:`SoftmaxCrossEntropy`: ``-sum_c t_c log softmax(x)_c`` per position of logits
   ``(..., C)``; targets are integer labels ``(...)`` or class probabilities ``(..., C)``.
+- :class:`ContentLoss`, :class:`StyleLoss`: neural style transfer's content and style costs
+  on activations ``(N, C, H, W)``, one term per sample.
+- :class:`TripletLoss` (``forward([anchor, positive, negative])``), :class:`CosineEmbeddingLoss`
+  (``forward([x1, x2], y)``): losses on several embedding batches, given as a list;
+  ``backward()`` returns one gradient per array. :class:`BatchTripletLoss`
+  (``forward(embeddings, labels)``) mines the triplets inside the batch.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .backends import FLOAT_DTYPES, Array, Backend, device_of, is_device_array
+from .backends.base import Pending
 from .errors import DeviceError, DTypeError, ShapeError, StateError
 
 
@@ -46,8 +53,7 @@ class Loss:
                              f"got {reduction!r}")
         self.reduction = reduction
         self._saved: tuple[Array, Array] | None = None
-        # (any bad, first bad value) of targets checked on a GPU since the last check()
-        self._pending: tuple[Array, Array] | None = None
+        self._pending = Pending()  # a bad target found on a GPU, raised at check()
 
     @property
     def name(self) -> str:
@@ -66,9 +72,7 @@ class Loss:
             total = ops.sum(self._terms(ops, pred, target))
             if self.reduction == "mean":
                 total = total / self.positions(pred)
-            if self._pending is not None:  # a bad target not yet reported poisons the value
-                total = ops.where(self._pending[0], ops.xp.nan, total)
-            return total
+            return self._pending.poisoned(ops, total)
 
     __call__ = forward
 
@@ -88,30 +92,9 @@ class Loss:
         """Raise the error a target checked on a GPU deserved. There a check that reads the
         target back (a label out of range) would make every step wait for the device, so the
         check runs on the device, the loss becomes NaN and the error waits for this call (the
-        Trainer makes it when the loss turns out not to be finite). Free on the host devices,
-        where such errors are raised at once."""
-        if self._pending is None:
-            return
-        bad, value = self._pending
-        self._pending = None
-        if bool(bad):
-            raise self._target_error(value.item())
-
-    def _defer(self, ops: Backend, bad: Array, values: Array) -> None:
-        """Raise :meth:`_target_error` for the first of ``values`` where ``bad`` holds: now on
-        a host device, at :meth:`check` on a GPU (without reading anything back now)."""
-        if ops.on_host:
-            if bool(bad.any()):
-                raise self._target_error(values[bad].reshape(-1)[0].item())
-            return
-        any_bad, first = bad.any(), values.reshape(-1)[bad.reshape(-1).argmax()]
-        if self._pending is not None:  # keep the earliest
-            first = ops.where(self._pending[0], self._pending[1], first)
-            any_bad = any_bad | self._pending[0]
-        self._pending = (any_bad, first)
-
-    def _target_error(self, value: Any) -> Exception:
-        raise NotImplementedError
+        Trainer makes it when the loss turns out not to be finite). On the host devices such
+        errors are raised at once (:class:`~gpunet.backends.base.Pending`)."""
+        self._pending.take()
 
     def positions(self, pred: Array) -> int:
         """How many terms the loss adds up: every element of ``pred``, unless overridden."""
@@ -264,13 +247,11 @@ class SoftmaxCrossEntropy(Loss):
         if target.dtype.kind not in "iu":
             raise DTypeError(f"{self.name}: expected labels of shape {shape[:-1]} to be "
                              f"integers, got dtype {target.dtype}")
-        self._classes = classes
-        self._defer(ops, (target < 0) | (target >= classes), target)
+        self._pending.flag(ops, (target < 0) | (target >= classes), target,
+                           lambda v: ValueError(f"{self.name}: expected labels in "
+                                                f"[0, {classes}), got {v}"))
         # on a GPU a bad label is only flagged so far: keep the gather within the logits
         return target if ops.on_host else ops.clip(target, 0, classes - 1)
-
-    def _target_error(self, value: Any) -> Exception:
-        return ValueError(f"{self.name}: expected labels in [0, {self._classes}), got {value}")
 
 
 class FocalLoss(Loss):
@@ -410,3 +391,374 @@ def dice(pred: Any, target: Any, threshold: float = 0.5) -> Array | None:
     total = p.sum(axis=axes) + y.sum(axis=axes)
     empty = total == 0
     return ((2 * inter + empty) / (total + empty)).mean()  # a 0-d array: read it when needed
+
+
+# -- neural style transfer (Gatys et al. 2015) ---------------------------------------------
+class _FeatureMapLoss(Loss):
+    """A loss between the activations ``(N, C, H, W)`` of one layer for the generated image
+    (``pred``) and for a reference image (``target``: the same shape, or ``(1, C, H, W)``,
+    one reference for every generated image). One term per sample: ``reduction="mean"``
+    averages over the batch, ``"sum"`` adds the samples up."""
+
+    def positions(self, pred: Array) -> int:
+        return pred.shape[0]
+
+    def _check_target(self, ops: Backend, pred: Array, target: Any) -> Array:
+        if pred.ndim != 4:
+            raise ShapeError(f"{self.name}: expected activations of shape (N, C, H, W), "
+                             f"got {tuple(pred.shape)}")
+        self._check_target_array(ops, target)
+        shape = tuple(pred.shape)
+        if tuple(target.shape) not in (shape, (1, *shape[1:])):
+            raise ShapeError(f"{self.name}: expected the target of shape {shape} or "
+                             f"{(1, *shape[1:])} (the activations'), got {tuple(target.shape)}")
+        return ops.asarray(target, dtype=pred.dtype)
+
+
+class ContentLoss(_FeatureMapLoss):
+    """The content cost of neural style transfer: how far the generated image's activations
+    ``a_G`` (``pred``, ``(N, C, H, W)``) are from the content image's ``a_C`` (``target``).
+
+    Per sample: ``J = 1 / (4 H W C) sum (a_C - a_G)^2`` over all ``C H W`` entries; the mean
+    over the batch for ``reduction="mean"``. Gradient: ``(a_G - a_C) / (2 H W C)``.
+
+    The total cost of the notes, ``J = alpha J_content + beta sum_l lambda[l] J_style[l]``, is
+    a weighted sum of losses, one object per layer; each ``backward()`` is the gradient of its
+    own term, to be scaled by the same weights::
+
+        content, styles = ContentLoss(), {l: StyleLoss() for l in lam}
+        j = (alpha * content(a_G[k], a_C[k])
+             + beta * sum(lam[l] * styles[l](a_G[l], a_S[l]) for l in lam))
+        grads = {l: beta * lam[l] * styles[l].backward() for l in lam}   # dJ / da_G[l]
+        grads[k] = grads.get(k, 0) + alpha * content.backward()
+    """
+
+    def _terms(self, ops: Backend, a_g: Array, a_c: Array) -> Array:
+        _, c, h, w = a_g.shape
+        return (a_c - a_g) ** 2 / (4 * h * w * c)
+
+    def _dterms(self, ops: Backend, a_g: Array, a_c: Array) -> Array:
+        _, c, h, w = a_g.shape
+        return (a_g - a_c) / (2 * h * w * c)
+
+
+class StyleLoss(_FeatureMapLoss):
+    """The style cost of one layer in neural style transfer: how far the Gram matrix of the
+    generated image's activations ``a_G`` (``pred``, ``(N, C, H, W)``) is from that of the
+    style image's ``a_S`` (``target``).
+
+    With ``A`` a sample's ``(C, H W)`` unrolled activations and ``G = A A^T`` (the
+    :class:`~gpunet.layers.Gram` layer), per sample:
+    ``J = 1 / (4 C^2 (H W)^2) sum_ij (G_S[i, j] - G_G[i, j])^2``; the mean over the batch for
+    ``reduction="mean"``. Gradient: ``(G_G - G_S) A_G / (C^2 (H W)^2)``, reshaped to
+    ``(N, C, H, W)``. Several layers, weighted by ``lambda[l]``, are a sum of losses: see
+    :class:`ContentLoss`::
+
+        style = StyleLoss()
+        j = style(a_G, a_S)      # a 0-d array
+        da_G = style.backward()  # (N, C, H, W), for the network's backward
+    """
+
+    @staticmethod
+    def _unrolled(a: Array) -> Array:
+        n, c, h, w = a.shape
+        return a.reshape(n, c, h * w)
+
+    def _grams(self, ops: Backend, a_g: Array, a_s: Array) -> tuple[Array, Array, float]:
+        """``A_G``, ``G_G - G_S`` and the scale ``C^2 (H W)^2``."""
+        _, c, h, w = a_g.shape
+        ag, as_ = self._unrolled(a_g), self._unrolled(a_s)
+        diff = ops.bmm(ag, ag, trans_b=True) - ops.bmm(as_, as_, trans_b=True)
+        return ag, diff, float(c * c * (h * w) ** 2)
+
+    def _terms(self, ops: Backend, a_g: Array, a_s: Array) -> Array:
+        _, diff, scale = self._grams(ops, a_g, a_s)
+        return diff * diff / (4 * scale)
+
+    def _dterms(self, ops: Backend, a_g: Array, a_s: Array) -> Array:
+        # d/dA of sum (G_G - G_S)^2 is 2 (D + D^T) A with D = G_G - G_S, and D is symmetric
+        ag, diff, scale = self._grams(ops, a_g, a_s)
+        return (ops.bmm(diff, ag) / scale).reshape(a_g.shape)
+
+
+# -- embeddings: losses on pairs and triplets of vectors ---------------------------------
+
+#: torch.nn.functional.pairwise_distance's eps: added to the difference before its norm.
+PAIRWISE_EPS = 1e-6
+#: torch's cosine_embedding_loss smoothing of the squared norms: 1e-12 as a C float
+COSINE_EPS = float(np.float32(1e-12))
+
+
+def _device_name(a: Any) -> str:
+    return f"cuda:{a.device.id}" if is_device_array(a) else "cpu"
+
+
+def _distance(ops: Backend, diff: Array, distance: str) -> tuple[Array, Array]:
+    """``d`` over the last axis of ``diff = a - b`` and ``dd/ddiff``: ``||diff||^2``
+    (``"squared"``) or ``||diff + eps||`` with eps = :data:`PAIRWISE_EPS` (``"euclidean"``,
+    PyTorch's ``pairwise_distance``)."""
+    if distance == "squared":
+        return ops.sum(diff * diff, axis=-1), 2 * diff
+    shifted = diff + PAIRWISE_EPS
+    d = ops.sqrt(ops.sum(shifted * shifted, axis=-1))
+    return d, shifted / d[..., None]
+
+
+class _VectorLoss(Loss):
+    """A loss on a list of embedding batches ``(N, D)`` rather than one prediction: checks
+    them and keeps the gradients ``backward`` returns (computed in ``forward``, where the
+    intermediate values are at hand)."""
+
+    _grads: list[Array] | None = None
+
+    def _check_vectors(self, xs: Any, names: tuple[str, ...]) -> Backend:
+        listed = f"[{', '.join(names)}]"
+        if not isinstance(xs, (list, tuple)):
+            raise ShapeError(f"{self.name}: expected a list {listed}, got {type(xs).__name__}")
+        if len(xs) != len(names):
+            raise ShapeError(f"{self.name}: expected a list {listed} of {len(names)} arrays, "
+                             f"got {len(xs)}")
+        for x, what in zip(xs, names):
+            if not _is_array(x):
+                raise DTypeError(f"{self.name}: expected {what} to be an array, "
+                                 f"got {type(x).__name__}")
+        first, ops = xs[0], device_of(xs[0])
+        if first.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"{self.name}: expected {names[0]} of dtype float32 or float64, "
+                             f"got {first.dtype}")
+        if first.ndim != 2 or first.size == 0:
+            raise ShapeError(f"{self.name}: expected {names[0]} of shape (N, D), non-empty, "
+                             f"got {tuple(first.shape)}")
+        for x, what in zip(xs[1:], names[1:]):
+            if not ops.owns(x):
+                raise DeviceError(f"{self.name}: expected {what} on device {ops.name} (the "
+                                  f"{names[0]}'s), got an array on {_device_name(x)}")
+            if x.dtype != first.dtype:
+                raise DTypeError(f"{self.name}: expected {what} of dtype {first.dtype} (the "
+                                 f"{names[0]}'s), got {x.dtype}")
+            if tuple(x.shape) != tuple(first.shape):
+                raise ShapeError(f"{self.name}: expected {what} of shape {tuple(first.shape)} "
+                                 f"(the {names[0]}'s), got {tuple(x.shape)}")
+        return ops
+
+    def backward(self) -> Any:
+        """The gradients of the last ``forward``'s loss, one per input."""
+        if self._grads is None:
+            raise StateError(f"{self.name}: backward called before forward "
+                             "(or twice for one forward)")
+        grads, self._grads = self._grads, None
+        return grads
+
+
+class TripletLoss(_VectorLoss):
+    """Triplet loss (Schroff et al. 2015, FaceNet) on anchors ``A``, positives ``P`` (of the
+    anchor's class) and negatives ``N`` (of another class), each ``(N, D)``, given as a list.
+
+    Per triplet ``loss_i = max(0, d(A_i, P_i) - d(A_i, N_i) + margin)``, averaged over the N
+    triplets for ``reduction="mean"``. ``distance="squared"``: ``d(a, b) = ||a - b||^2``, the
+    reference notes' formula; ``"euclidean"``: ``d(a, b) = ||a - b + 1e-6||``, which makes
+    ``TripletLoss(m, "euclidean")`` PyTorch's ``nn.TripletMarginLoss(margin=m)`` (p = 2, its
+    ``pairwise_distance`` eps). Gradient of an active triplet (hinge > 0), with
+    ``g(a, b) = dd(a, b)/da``: ``dA = g(A, P) - g(A, N)``, ``dP = -g(A, P)``,
+    ``dN = g(A, N)``; an inactive one contributes 0::
+
+        loss = TripletLoss(margin=0.2)
+        value = loss.forward([anchor, positive, negative])   # 0-d array
+        da, dp, dn = loss.backward()
+    """
+
+    def __init__(self, margin: float = 0.2, distance: str = "squared",
+                 reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        if not margin >= 0:
+            raise ValueError(f"{self.name}: expected margin >= 0, got {margin!r}")
+        if distance not in ("squared", "euclidean"):
+            raise ValueError(f"{self.name}: expected distance 'squared' or 'euclidean', "
+                             f"got {distance!r}")
+        self.margin, self.distance = float(margin), distance
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(margin={self.margin!r}, distance={self.distance!r}, "
+                f"reduction={self.reduction!r})")
+
+    def forward(self, triplet: Any, target: Any = None) -> Array:
+        """The loss of ``[anchor, positive, negative]``: a 0-d array on their device.
+        ``target`` is not used (the roles are the labels); it is there for the signature."""
+        ops = self._check_vectors(triplet, ("anchor", "positive", "negative"))
+        a, p, n = triplet
+        with ops.scope():
+            d_ap, g_ap = _distance(ops, a - p, self.distance)
+            d_an, g_an = _distance(ops, a - n, self.distance)
+            hinge = d_ap - d_an + self.margin
+            active = hinge > 0
+            scale = 1 / len(a) if self.reduction == "mean" else 1.0
+            w = (active * scale).astype(a.dtype)[:, None]
+            self._grads = [w * (g_ap - g_an), -w * g_ap, w * g_an]
+            return ops.sum(ops.where(active, hinge, 0)) * scale
+
+    __call__ = forward
+
+
+class CosineEmbeddingLoss(_VectorLoss):
+    """PyTorch's ``nn.CosineEmbeddingLoss(margin)`` in gpunet's list convention:
+    ``forward([x1, x2], y)`` with ``x1``, ``x2`` of shape ``(N, D)`` and targets ``y`` of
+    shape ``(N,)``, 1 (similar) or -1 (dissimilar), integers or floats.
+
+    With ``cos = x1 . x2 / sqrt((||x1||^2 + e)(||x2||^2 + e))`` and PyTorch's smoothing
+    ``e = float32(1e-12)`` (:data:`COSINE_EPS`), ``loss_i = 1 - cos`` for ``y = 1`` and
+    ``max(0, cos - margin)`` for ``y = -1``; mean over N for ``reduction="mean"``. Gradient, with ``q_i = ||x_i||^2 + e``:
+    ``dcos/dx1 = x2 / sqrt(q1 q2) - cos x1 / q1`` (symmetrically for ``x2``), times -1 for
+    ``y = 1`` and 1 where ``cos > margin`` for ``y = -1``::
+
+        loss = CosineEmbeddingLoss(margin=0.5)
+        value = loss.forward([x1, x2], y)
+        dx1, dx2 = loss.backward()
+    """
+
+    def __init__(self, margin: float = 0.0, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        if not -1 <= margin <= 1:
+            raise ValueError(f"{self.name}: expected margin in [-1, 1], got {margin!r}")
+        self.margin = float(margin)
+
+    def __repr__(self) -> str:
+        return f"{self.name}(margin={self.margin!r}, reduction={self.reduction!r})"
+
+    def forward(self, pair: Any, target: Any) -> Array:
+        """The loss of ``[x1, x2]`` against targets ``y`` of 1 and -1: a 0-d array on their
+        device. On a GPU a target other than 1 or -1 makes it NaN and is reported by
+        :meth:`check`, as :class:`SoftmaxCrossEntropy` does with labels."""
+        ops = self._check_vectors(pair, ("x1", "x2"))
+        x1, x2 = pair
+        self._check_target_array(ops, target)
+        if tuple(target.shape) != (len(x1),):
+            raise ShapeError(f"{self.name}: expected the target of shape ({len(x1)},), one "
+                             f"1 or -1 per pair, got {tuple(target.shape)}")
+        with ops.scope():
+            self._pending.flag(ops, (target != 1) & (target != -1), target,
+                               lambda v: ValueError(f"{self.name}: expected targets 1 or -1, "
+                                                    f"got {v}"))
+            similar = (target == 1)[:, None]
+            q1 = ops.sum(x1 * x1, axis=1, keepdims=True) + COSINE_EPS
+            q2 = ops.sum(x2 * x2, axis=1, keepdims=True) + COSINE_EPS
+            root = ops.sqrt(q1 * q2)
+            cos = ops.sum(x1 * x2, axis=1, keepdims=True) / root
+            terms = ops.where(similar, 1 - cos, ops.maximum(cos - self.margin, 0))
+            scale = 1 / len(x1) if self.reduction == "mean" else 1.0
+            dcos = ops.where(similar, -1.0, (cos > self.margin).astype(x1.dtype)) * scale
+            self._grads = [dcos * (x2 / root - cos * x1 / q1), dcos * (x1 / root - cos * x2 / q2)]
+            return self._pending.poisoned(ops, ops.sum(terms) * scale)
+
+    __call__ = forward
+
+
+class BatchTripletLoss(Loss):
+    """Triplet loss with the triplets mined inside each batch: ``forward(embeddings, labels)``
+    with embeddings ``(N, D)`` and integer class labels ``(N,)``; ``backward()`` returns
+    ``d loss / d embeddings``, so a :class:`~gpunet.Trainer` trains an embedding model on it
+    like on any loss. Distances ``d`` between all pairs of the batch as :class:`TripletLoss`'s.
+
+    - ``mining="hard"`` (batch-hard, Hermans et al. 2017, arXiv 1703.07737): each sample is
+      an anchor ``a``, with its farthest positive and nearest negative in the batch:
+      ``loss_a = max(0, max_p d(a, p) - min_n d(a, n) + margin)``, averaged over the anchors
+      that have a positive and a negative in the batch.
+    - ``mining="semi-hard"`` (FaceNet, Schroff et al. 2015; TensorFlow's
+      ``triplet_semihard_loss``): each pair of an anchor and a positive takes the nearest
+      negative that is farther than the positive, ``d(a, n) > d(a, p)`` (none: the farthest
+      negative); averaged over those pairs.
+
+    The gradient reaches every embedding through the distances the mined triplets use (the
+    choice of triplet itself is piecewise constant)::
+
+        loss = BatchTripletLoss(margin=0.2)
+        value = loss.forward(model.forward(x), labels)
+        model.backward(loss.backward())
+    """
+
+    def __init__(self, margin: float = 0.2, mining: str = "hard", distance: str = "squared",
+                 reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        if not margin >= 0:
+            raise ValueError(f"{self.name}: expected margin >= 0, got {margin!r}")
+        if mining not in ("hard", "semi-hard"):
+            raise ValueError(f"{self.name}: expected mining 'hard' or 'semi-hard', got {mining!r}")
+        if distance not in ("squared", "euclidean"):
+            raise ValueError(f"{self.name}: expected distance 'squared' or 'euclidean', "
+                             f"got {distance!r}")
+        self.margin, self.mining, self.distance = float(margin), mining, distance
+        self._grad: Array | None = None
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(margin={self.margin!r}, mining={self.mining!r}, "
+                f"distance={self.distance!r}, reduction={self.reduction!r})")
+
+    def forward(self, embeddings: Array, labels: Any) -> Array:
+        """The mean (or summed) loss of the triplets mined from this batch: a 0-d array on the
+        embeddings' device; 0 when no anchor has both a positive and a negative."""
+        ops = self._check_pred(embeddings)
+        self._check_target_array(ops, labels)
+        if embeddings.ndim != 2:
+            raise ShapeError(f"{self.name}: expected embeddings of shape (N, D), "
+                             f"got {tuple(embeddings.shape)}")
+        if tuple(labels.shape) != (len(embeddings),):
+            raise ShapeError(f"{self.name}: expected labels of shape ({len(embeddings)},), "
+                             f"got {tuple(labels.shape)}")
+        if labels.dtype.kind not in "iu":
+            raise DTypeError(f"{self.name}: expected integer class labels, got dtype "
+                             f"{labels.dtype}")
+        with ops.scope():
+            xp, dtype = ops.xp, embeddings.dtype
+            d, g = _distance(ops, embeddings[:, None, :] - embeddings[None, :, :], self.distance)
+            cols = xp.arange(len(embeddings))
+            same = labels[:, None] == labels[None, :]
+            positive, negative = same & (cols[:, None] != cols), ~same
+            terms, valid, w = (self._hard if self.mining == "hard" else self._semi_hard)(
+                ops, d, positive, negative, cols)
+            scale = (ops.maximum(ops.sum(valid), 1).astype(dtype) if self.reduction == "mean"
+                     else 1)
+            w = w.astype(dtype) / scale   # d loss / d d(a, b), (N, N)
+            wg = w[:, :, None] * g        # d d(a, b) / d e_a = g(a, b), d / d e_b = -g(a, b)
+            self._grad = ops.sum(wg, axis=1) - ops.sum(wg, axis=0)
+            return (ops.sum(terms) / scale).astype(dtype)
+
+    __call__ = forward
+
+    def _hard(self, ops: Backend, d: Array, positive: Array, negative: Array,
+              cols: Array) -> tuple[Array, Array, Array]:
+        """Per anchor: hinge term, whether it counts, and its weights on ``d`` (+1 at the
+        hardest positive, -1 at the hardest negative)."""
+        xp = ops.xp
+        p = xp.where(positive, d, -xp.inf).argmax(axis=1)
+        n = xp.where(negative, d, xp.inf).argmin(axis=1)
+        valid = positive.any(axis=1) & negative.any(axis=1)
+        hinge = (xp.take_along_axis(d, p[:, None], axis=1)
+                 - xp.take_along_axis(d, n[:, None], axis=1))[:, 0] + self.margin
+        active = valid & (hinge > 0)
+        w = active[:, None] * ((cols == p[:, None]).astype(d.dtype)
+                               - (cols == n[:, None]).astype(d.dtype))
+        return ops.where(active, hinge, 0), valid, w
+
+    def _semi_hard(self, ops: Backend, d: Array, positive: Array, negative: Array,
+                   cols: Array) -> tuple[Array, Array, Array]:
+        """Per (anchor, positive) pair: hinge term, whether it counts, and the weights on
+        ``d`` summed over the pairs (+1 at the positive, -1 at its chosen negative)."""
+        xp = ops.xp
+        d_an = d[:, None, :]                                         # (a, 1, n)
+        farther = negative[:, None, :] & (d_an > d[:, :, None])      # (a, p, n)
+        nearest_farther = xp.where(farther, d_an, xp.inf).argmin(axis=2)
+        farthest = xp.where(negative, d, -xp.inf).argmax(axis=1)
+        n = xp.where(farther.any(axis=2), nearest_farther, farthest[:, None])  # (a, p)
+        valid = positive & negative.any(axis=1)[:, None]
+        hinge = d - xp.take_along_axis(d, n, axis=1) + self.margin
+        active = valid & (hinge > 0)
+        chosen = active[:, :, None] & (n[:, :, None] == cols)        # (a, p, n)
+        w = active.astype(d.dtype) - ops.sum(chosen.astype(d.dtype), axis=1)
+        return ops.where(active, hinge, 0), valid, w
+
+    def backward(self) -> Array:
+        """``d loss / d embeddings`` for the last ``forward``: ``(N, D)``."""
+        if self._grad is None:
+            raise StateError(f"{self.name}: backward called before forward "
+                             "(or twice for one forward)")
+        grad, self._grad = self._grad, None
+        return grad

@@ -5,6 +5,7 @@ its loss and the training defaults under which it reaches its documented accurac
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from .layers import GRU, LSTM, LastStep, TimeMajor
 from .layers import GELU, Embedding, LayerNorm, MultiHeadAttention, PositionalEncoding, Sum
 from .layers import ConvTranspose2D
 from .losses import MSE
+from .layers import BatchNorm, GlobalAvgPool2D, ResidualBlock
+from .embeddings import batch_nn_accuracy, nn_test_accuracy, plot_embeddings
+from .layers import L2Normalize
+from .losses import BatchTripletLoss
 
 
 @dataclass
@@ -29,6 +34,11 @@ class ModelSpec:
     description: str = ""
     #: the Trainer's metric (``metric(pred, target) -> float | None``); None: its accuracy
     metric: Callable[[Any, Any], float | None] | None = None
+    #: more test metrics from the trained model, ``evaluate(trainer, train, test) -> dict``,
+    #: merged over the command's (``embed``: the 1-nearest-neighbour ``test_accuracy``)
+    evaluate: Callable[[Any, Any, Any], dict[str, Any]] | None = None
+    #: ``plot(trainer, test, path)``: a PNG of the trained model (``gpunet train --plot``)
+    plot: Callable[[Any, Any, str], None] | None = None
 
     def make_loss(self, num_classes: int | None) -> Loss:
         """The entry's loss for a dataset: ``loss(num_classes=...)`` when the entry's loss
@@ -43,10 +53,13 @@ MODELS: dict[str, ModelSpec] = {}
 
 def register(name: str, loss: Callable[[], Loss], description: str = "",
              metric: Callable[[Any, Any], float | None] | None = None,
+             evaluate: Callable[[Any, Any, Any], dict[str, Any]] | None = None,
+             plot: Callable[[Any, Any, str], None] | None = None,
              **defaults: Any) -> Callable[[Callable[..., Layer]], Callable[..., Layer]]:
     """Decorator: register ``build(input_shape, num_classes) -> Layer`` under ``name``."""
     def wrap(build: Callable[..., Layer]) -> Callable[..., Layer]:
-        MODELS[name] = ModelSpec(name, build, loss, defaults, description, metric)
+        MODELS[name] = ModelSpec(name, build, loss, defaults, description, metric, evaluate,
+                                 plot)
         return build
     return wrap
 
@@ -207,3 +220,47 @@ def transformer(input_shape: tuple[int, ...], num_classes: int | None, embed_dim
                        *[_transformer_block(embed_dim, heads, hidden, dropout, causal)
                          for _ in range(blocks)],
                        LayerNorm(embed_dim), Dense(embed_dim, num_classes), TimeMajor()])
+
+
+@register("resnet", SoftmaxCrossEntropy, "ResNet for small images: conv 3x3 (16), BatchNorm, "
+          "ReLU, three stages of basic residual blocks (16, 32, 64 channels, the last two "
+          "downsampling by 2 with 1x1-projection shortcuts), global average pooling, dense",
+          epochs=15, batch_size=32, lr=2e-3, optimizer="adam")
+def resnet(input_shape: tuple[int, ...], num_classes: int | None,
+           widths: tuple[int, ...] = (16, 32, 64), blocks: int = 1) -> Layer:
+    """A ResNet of He et al. (2016)'s CIFAR design for small images ``(C, H, W)`` (the 8x8
+    digits, MNIST's 28x28): a 3x3 ``same`` convolution to ``widths[0]`` channels with
+    BatchNorm and ReLU, then one stage per width of ``blocks`` :class:`ResidualBlock` s, the
+    first block of every stage after the first halving ``H`` and ``W`` (stride 2, projection
+    shortcut), then ``GlobalAvgPool2D`` and ``Dense(widths[-1], classes)``. The defaults
+    make ResNet-8 (6 * blocks + 2 layers with weights): 8x8 -> 8, 4, 2; 28x28 -> 28, 14, 7."""
+    if not widths or blocks < 1:
+        raise ValueError(f"resnet: expected at least one width and blocks >= 1, got widths "
+                         f"{widths} and blocks {blocks}")
+    side = 2 ** (len(widths) - 1)  # the last stage sees at least 1x1
+    if len(input_shape) != 3 or min(input_shape[1:]) < side:
+        raise ValueError(f"resnet: expected images of shape (C, H, W) of at least "
+                         f"{side}x{side}, got input shape {tuple(input_shape)}")
+    layers: list[Layer] = [Conv2D(input_shape[0], widths[0], 3, padding=1, bias=False,
+                                  init="he_normal"), BatchNorm(widths[0]), ReLU()]
+    cin = widths[0]
+    for stage, width in enumerate(widths):
+        for b in range(blocks):
+            layers.append(ResidualBlock(cin, width, stride=2 if stage and not b else 1))
+            cin = width
+    return Sequential([*layers, GlobalAvgPool2D(), Dense(cin, num_classes or 1)])
+
+
+@register("embed", functools.partial(BatchTripletLoss, margin=0.2, mining="hard"),
+          "embedding MLP (two hidden ReLU layers of 256) to 32-D unit vectors, trained with "
+          "batch-hard triplet loss; reports 1-nearest-neighbour test accuracy",
+          metric=batch_nn_accuracy, evaluate=nn_test_accuracy, plot=plot_embeddings,
+          epochs=20, batch_size=64, lr=1e-3, optimizer="adam")
+def embed(input_shape: tuple[int, ...], num_classes: int | None, dim: int = 32,
+          hidden: int = 256) -> Layer:
+    """An embedding network: ``Flatten``, two ``Dense(hidden)`` + ReLU, ``Dense(dim)`` and
+    ``L2Normalize``, so embeddings lie on the unit sphere (FaceNet's), squared distances in
+    [0, 4] and the triplet margin 0.2 means the same for every model. ``num_classes`` is not
+    used: the classes only say which samples belong together."""
+    return Sequential([Flatten(), Dense(math.prod(input_shape), hidden), ReLU(),
+                       Dense(hidden, hidden), ReLU(), Dense(hidden, dim), L2Normalize()])

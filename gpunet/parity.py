@@ -26,6 +26,9 @@ from .layers import LayerNorm
 from .layers import AdditiveAttention, MultiHeadAttention
 from .layers import (GELU, Embedding, Identity, PositionalEncoding, PositionEmbedding,
                      Reshape)
+from .layers import Gram
+from .layers import Inception, ResidualBlock
+from .layers import CosineSimilarity, L2Normalize
 from .layers.base import Layer
 
 #: Allowed error per dtype: an entry passes when ``|got - want| <= atol + rtol * |want|``.
@@ -227,6 +230,18 @@ CASES: dict[str, Case] = {
     "GELU-tanh": Case(lambda: GELU("tanh"), _normal(4, 5, scale=2)),
     "Identity": Case(Identity, _normal(3, 4)),
     "Reshape": Case(lambda: Reshape((3, -1)), _normal(2, 6, 2)),
+    "Gram": Case(Gram, _normal(2, 3, 4, 5)),
+    # blocks: identity and strided-projection shortcuts (odd size), the four Inception branches
+    "ResidualBlock": Case(lambda: ResidualBlock(3, 3), _normal(2, 3, 4, 4)),
+    "ResidualBlock-projection": Case(lambda: ResidualBlock(2, 4, stride=2), _normal(2, 2, 5, 5)),
+    "Inception": Case(lambda: Inception(3, 2, 2, 3, 1, 2, 2), _normal(2, 3, 5, 4)),
+    # similarity: along the last axis and along a middle one; unit vectors
+    "CosineSimilarity": Case(CosineSimilarity, lambda g: [g.normal(size=(5, 4)),
+                                                          g.normal(size=(5, 4))]),
+    "CosineSimilarity-axis1": Case(lambda: CosineSimilarity(axis=1),
+                                   lambda g: [g.normal(size=(2, 3, 4)), g.normal(size=(2, 3, 4))]),
+    "L2Normalize": Case(L2Normalize, _normal(4, 6)),
+    "L2Normalize-axis1": Case(lambda: L2Normalize(axis=1), _normal(2, 3, 2, 2)),
 }
 
 

@@ -9,6 +9,7 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from . import rng
+from .augment import Transform
 from .backends import Backend, get_device, to_numpy
 from .backends.base import on_device
 from .data import DataLoader, Dataset
@@ -116,11 +117,14 @@ class Trainer:
     @on_device
     def fit(self, train: Dataset, epochs: int, batch_size: int = 32, val: Dataset | None = None,
             checkpoint: str | os.PathLike | None = None, resume: bool = False,
-            seed: int | None = None) -> list[dict[str, Any]]:
+            seed: int | None = None, augment: Transform | None = None
+            ) -> list[dict[str, Any]]:
         """Train until ``epochs`` epochs are done in all (counting resumed ones); returns the
-        history, one dict per epoch."""
+        history, one dict per epoch. ``augment`` (:mod:`gpunet.augment`) transforms the
+        training batches, drawn from the loader's seed and the epoch (so a resumed run
+        continues identically); ``val`` and :meth:`evaluate` are never augmented."""
         loader = DataLoader(train, batch_size, shuffle=True, seed=seed, rank=self.comm.rank,
-                            world=self.comm.size)
+                            world=self.comm.size, augment=augment)
         start = 0
         if resume:
             if checkpoint is None or not os.path.exists(checkpoint):
@@ -203,7 +207,8 @@ class Trainer:
         finite; a target the loss found bad on a GPU is reported first (:meth:`Loss.check`)."""
         if math.isfinite(loss):
             return
-        self.loss.check()
+        self.loss.check()  # a bad label or index found on a GPU is the reason: say so
+        self.model.check()
         if last == first + 1:
             where = f"step {last}; the step was not applied"
         else:
@@ -267,8 +272,9 @@ class Trainer:
             totals.add(self.loss.forward(pred, y), self.metric(pred, y), len(xb))
         self._reduce_totals(totals)
         loss, metric = totals.read()
-        if not math.isfinite(loss):
-            self.loss.check()  # a bad target found on a GPU: say so rather than return NaN
+        if not math.isfinite(loss):  # a bad target found on a GPU: say so, not NaN
+            self.loss.check()
+            self.model.check()
         return {"loss": loss / len(data),
                 "accuracy": metric / totals.metric_seen if totals.metric_seen else None}
 

@@ -159,8 +159,21 @@ def test_embedding_refuses_indices_on_another_device(standin):
         layer.forward(np.array([1, 2]))
     with pytest.raises(DeviceError, match="got an array on cuda:0"):
         layer.forward(gpunet.device("cuda:0").asarray(np.array([1, 2])))
-    with pytest.raises(IndexError, match=r"expected indices in \[0, 5\), got 7"):
-        layer.forward(gpunet.device("cuda:1").asarray(np.array([1, 7])))
+
+
+def test_an_index_out_of_range_on_a_gpu_is_flagged_without_a_read(standin):
+    layer, gpu = Embedding(5, 3).to("cuda:1"), gpunet.device("cuda:1")
+    counters = standin._standin.counters
+    counters.reset()
+    y = layer.forward(gpu.asarray(np.array([1, 7, 9])))
+    good = layer.forward(gpu.asarray(np.array([2, 3])))  # stays flagged until checked
+    assert counters.host_reads == 0
+    assert np.isnan(gpunet.to_numpy(y)).any() and np.isnan(gpunet.to_numpy(good)).any()
+    layer.backward(gpu.asarray(np.ones((2, 3), np.float32)))  # the scatter stays in the table
+    with pytest.raises(IndexError, match=r"Embedding: expected indices in \[0, 5\), got 7"):
+        layer.check()  # the first bad index
+    layer.check()  # taken once
+    assert not np.isnan(gpunet.to_numpy(layer.forward(gpu.asarray(np.array([4]))))).any()
 
 
 def test_embedding_matches_pytorch():

@@ -59,6 +59,9 @@ RUNS = {  # model, data, clip_norm, communicator
     "lstm": (lambda: models.lstm((8, 8), 10), lambda: _digits(rows=True), 1.0, None),
     "bn": (lambda: _bn(False), lambda: _digits(flat=False), None, None),
     "bn-sync": (lambda: _bn(True), lambda: _digits(flat=False), None, _TwoRanks()),
+    "transformer": (lambda: models.transformer((8,), 10, embed_dim=16, heads=2, blocks=1,
+                                               hidden=32),
+                    lambda: data.reverse(n_train=192, n_test=1)[0], 1.0, None),
 }
 
 
@@ -130,4 +133,15 @@ def test_a_bad_label_on_the_gpu_is_reported_as_such(standin):
                       device="cuda:0", progress=False)
     with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy: expected labels in \[0, 10\), "
                                          r"got 12"):
+        trainer.fit(train, epochs=1, batch_size=16, seed=0)
+
+
+def test_a_bad_token_on_the_gpu_is_reported_as_such(standin):
+    train = data.reverse(n_train=64, n_test=1)[0]
+    train.x[40, 3] = 10  # ten tokens: 0 to 9
+    gpunet.seed(0)
+    model = models.transformer((8,), 10, embed_dim=16, heads=2, blocks=1, hidden=32)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optim.Adam(model.params(), lr=1e-3),
+                      device="cuda:0", progress=False)
+    with pytest.raises(IndexError, match=r"Embedding: expected indices in \[0, 10\), got 10"):
         trainer.fit(train, epochs=1, batch_size=16, seed=0)

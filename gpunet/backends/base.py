@@ -49,6 +49,48 @@ def on_device(method: F) -> F:
     return scoped  # type: ignore[return-value]
 
 
+class Pending:
+    """An input error found on a device and not raised yet.
+
+    A check such as "every label lies in [0, C)" is cheap on a GPU, but reading its outcome
+    back makes the host wait for the device on every step. So a layer or loss flags the error
+    on the device (:meth:`flag`: whether any entry was bad, and the first bad one) and raises
+    it at :meth:`take`, when the host reads anyway: the Trainer takes pending errors when a
+    loss turns out not to be finite (``poisoned`` turns the loss into NaN meanwhile). On the
+    host devices reading is free, and :meth:`flag` raises at once."""
+
+    def __init__(self) -> None:
+        self._state: tuple[Array, Array, Callable[[Any], Exception]] | None = None
+
+    def flag(self, ops: "Backend", bad: Array, values: Array,
+             error: Callable[[Any], Exception]) -> None:
+        """Record ``error(v)`` for the first ``v`` of ``values`` where ``bad`` holds (same
+        shapes); raise it now on a host device."""
+        if ops.on_host:
+            if bool(bad.any()):
+                raise error(values[bad].reshape(-1)[0].item())
+            return
+        any_bad, first = bad.any(), values.reshape(-1)[bad.reshape(-1).argmax()]
+        if self._state is not None:  # the earliest error is the one to report
+            first = ops.where(self._state[0], self._state[1], first)
+            any_bad = any_bad | self._state[0]
+        self._state = (any_bad, first, error)
+
+    def poisoned(self, ops: "Backend", value: Array) -> Array:
+        """``value``, or NaN in its place while an error is pending (so a loss built on it
+        is not finite, and training stops where the error is taken)."""
+        return value if self._state is None else ops.where(self._state[0], ops.xp.nan, value)
+
+    def take(self) -> None:
+        """Raise the pending error, if any (one read of the device), and forget it."""
+        if self._state is None:
+            return
+        bad, value, error = self._state
+        self._state = None
+        if bool(bad):
+            raise error(value.item())
+
+
 class Backend:
     """Generic operations over an array module. With ``xp = numpy`` this is the CPU device
     and the reference every other device is tested against."""

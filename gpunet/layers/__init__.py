@@ -19,6 +19,9 @@ from .attention import AdditiveAttention, MultiHeadAttention
 from .activations import GELU
 from .embedding import Embedding, PositionalEncoding, PositionEmbedding
 from .reshape import Identity, Reshape
+from .style import Gram
+from .blocks import Inception, ResidualBlock
+from .similarity import CosineSimilarity, L2Normalize
 
 __all__ = [
     "LAYERS", "Layer", "Parameter", "from_config", "Dense", "Sigmoid", "Tanh", "ReLU",
@@ -31,4 +34,7 @@ __all__ = [
     "LayerNorm",
     "MultiHeadAttention", "AdditiveAttention",
     "GELU", "Embedding", "PositionEmbedding", "PositionalEncoding", "Identity", "Reshape",
+    "Gram",
+    "ResidualBlock", "Inception",
+    "CosineSimilarity", "L2Normalize",
 ]

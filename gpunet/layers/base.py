@@ -157,6 +157,15 @@ class Layer:
         for child in self.children().values():
             yield from child.walk()
 
+    def check(self) -> None:
+        """Raise an input error this layer, or one inside it, found on a GPU without reading
+        it back (an :class:`~gpunet.layers.Embedding` index out of range): such a layer makes
+        its output NaN meanwhile, and the Trainer calls this when the loss is not finite."""
+        for layer in self.walk():
+            pending = layer.__dict__.get("_pending")
+            if pending is not None:
+                pending.take()
+
     @on_device
     def zero_grad(self) -> None:
         for p in self.params().values():

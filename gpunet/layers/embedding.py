@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import rng
 from ..backends import is_device_array
+from ..backends.base import Pending
 from ..errors import DTypeError, DeviceError, ShapeError
 from .base import Layer
 
@@ -36,8 +37,11 @@ class Embedding(Layer):
         emb = Embedding(1000, 32, padding_idx=0)
         y = emb.forward(np.array([[5, 7, 0]]))  # (1, 3, 32); y[0, 2] is zero
 
-    On ``cuda`` the index range is checked with one read of a flag back to the host per
-    forward (an index out of range is an error, not a silent read of another row).
+    An index out of range is an error, not a silent read of another row. On the host devices
+    it is raised at once. On ``cuda`` reading the check back would make every step wait for
+    the GPU, so the index is flagged on the device instead: the lookup stays within the table,
+    the output turns NaN (so a loss built on it is not finite) and :meth:`~Layer.check`, which
+    the Trainer calls when the loss is not finite, raises the IndexError.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
@@ -55,10 +59,11 @@ class Embedding(Layer):
         if self.padding_idx is not None:
             weight[self.padding_idx] = 0
         self.weight = self.add_param("weight", weight)
+        self._pending = Pending()  # an index out of range found on a GPU
 
     def check_indices(self, indices: Any) -> None:
-        """Raise a clear error unless ``indices`` is an integer array on this layer's device
-        with every entry in ``[0, num_embeddings)``."""
+        """Raise a clear error unless ``indices`` is an integer array on this layer's device;
+        flag an entry outside ``[0, num_embeddings)`` (:class:`Pending`)."""
         if not (isinstance(indices, np.ndarray) or is_device_array(indices)):
             raise DTypeError(f"{self.name}: expected an integer array of indices, "
                              f"got {type(indices).__name__}")
@@ -69,16 +74,22 @@ class Embedding(Layer):
         if indices.dtype.kind not in "iu":
             raise DTypeError(f"{self.name}: expected integer indices, got dtype "
                              f"{indices.dtype}")
-        if indices.size and bool(((indices < 0) | (indices >= self.num_embeddings)).any()):
-            lo, hi = int(indices.min()), int(indices.max())
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"{self.name}: expected indices in [0, {self.num_embeddings}), "
-                             f"got {bad}")
+        if indices.size:
+            self._pending.flag(self.ops, (indices < 0) | (indices >= self.num_embeddings),
+                               indices, lambda v: IndexError(
+                                   f"{self.name}: expected indices in "
+                                   f"[0, {self.num_embeddings}), got {v}"))
 
     def forward(self, indices: Any, training: bool = True) -> Any:
         self.check_indices(indices)
+        if not self.ops.on_host:  # a bad index is only flagged: keep lookup and scatter inside
+            indices = self.ops.clip(indices, 0, self.num_embeddings - 1)
         self.save_for_backward(indices.reshape(-1), indices.shape)
-        return self.weight.data[indices]
+        y = self.weight.data[indices]
+        if not self.ops.on_host and y.size:  # one NaN is enough to make the loss NaN
+            first = y.reshape(-1)[:1]
+            first[...] = self._pending.poisoned(self.ops, first)
+        return y
 
     def backward(self, dy: Any) -> Any:
         flat, shape = self.saved()
