@@ -17,13 +17,14 @@ from . import ops
 from .losses import ContentLoss, StyleLoss
 from .rng import seed
 from .serialize import load, save
+from .stopping import EarlyStopping
 from .trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "device", "available_devices", "asarray", "to_numpy", "seed", "Layer", "Parameter",
-    "Sequential", "Graph", "save", "load", "gradcheck", "Trainer", "data", "init", "models", "optim",
+    "Sequential", "Graph", "save", "load", "gradcheck", "Trainer", "EarlyStopping", "data", "init", "models", "optim",
     "MSE", "BinaryCrossEntropy", "BinaryCrossEntropyWithLogits", "NegativeLogProbability",
     "SoftmaxCrossEntropy", "ShapeError", "DTypeError", "DeviceError", "StateError",
     "CheckpointError", "KernelCompileError", "TrainingDiverged", "__version__",

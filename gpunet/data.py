@@ -101,6 +101,17 @@ class Dataset:
         """Shape of one sample, ``x.shape[1:]``."""
         return self.x.shape[1:]
 
+    def split(self, fraction: float, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+        """``(rest, held_out)``: a seeded random ``fraction`` of the samples held out (for
+        validation: never validate on the test set)."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"Dataset.split: expected a fraction in (0, 1), got {fraction}")
+        order = np.random.default_rng(seed).permutation(len(self))
+        n = int(round(len(self) * fraction))
+        pick = lambda idx: Dataset(self.x[idx], self.y[idx], self.name, self.num_classes,
+                                   self.vocabulary, self.tokens)
+        return pick(np.sort(order[n:])), pick(np.sort(order[:n]))
+
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, n={len(self)}, input_shape={self.input_shape}, "
                 f"num_classes={self.num_classes})")
@@ -446,9 +457,12 @@ class DataLoader:
     (the last batch may be smaller unless ``drop_last``).
 
     With ``shuffle`` the order is ``default_rng([seed, epoch]).permutation(N)``: it depends
-    only on ``seed`` and the epoch set by :meth:`set_epoch`, which iteration never advances.
-    ``seed=None`` draws the seed from gpunet's stream once, here, so ``gpunet.seed(n)`` makes
-    the shuffling reproducible.
+    only on ``seed`` and the epoch. Each pass takes the loader's ``epoch`` and then advances
+    it by one, so, as PyTorch's, every pass is shuffled anew; :meth:`set_epoch` chooses the
+    epoch of the next pass (the Trainer sets it every epoch, so a resumed or data-parallel
+    run sees the order an uninterrupted one does), and the ``k``-th pass of a loader equals
+    a pass after ``set_epoch(k)`` (counting from 0). ``seed=None`` draws the seed from
+    gpunet's stream once, here, so ``gpunet.seed(n)`` makes the shuffling reproducible.
 
     Data-parallel runs give each of ``world`` processes its ``rank``: every step takes the
     next ``batch_size * world`` positions of the shared order and each rank reads its own
@@ -491,7 +505,7 @@ class DataLoader:
         self._augment_targets = y.ndim == 4 and y.shape[2:] == dataset.x.shape[2:]
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration uses."""
+        """Choose the epoch whose order (and augmentation draws) the next pass uses."""
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         self.epoch = int(epoch)
@@ -508,10 +522,11 @@ class DataLoader:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         n, total = len(self.dataset), self.batch_size * self.world
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
+        epoch, self.epoch = self.epoch, self.epoch + 1  # the next pass is shuffled anew
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                  else np.arange(n))
         drawn = (None if self.augment is None else
-                 self.augment.draw(n, np.random.default_rng([self.seed, self.epoch, 1])))
+                 self.augment.draw(n, np.random.default_rng([self.seed, epoch, 1])))
         for start in range(0, len(self) * total, total):
             # equal shares of a full step; a last, partial step is split as evenly as it goes
             mine = np.array_split(np.arange(start, min(start + total, n)), self.world)[self.rank]

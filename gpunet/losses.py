@@ -14,6 +14,8 @@ terms, one per position; ``reduction="mean"`` divides it by the number of positi
   ``-(t log p + (1 - t) log(1 - p))`` per element, on probabilities ``p``.
 - :class:`BinaryCrossEntropyWithLogits`: the same on logits ``x``, ``p = sigmoid(x)``,
   computed without overflow.
+- :class:`L1`, :class:`Huber`: ``|pred - target|`` and its quadratic-near-zero form, as
+  PyTorch's ``L1Loss`` and ``HuberLoss``.
 - :class:`SoftmaxCrossEntropy`: ``-sum_c t_c log softmax(x)_c`` per position of logits
   ``(..., C)``; targets are integer labels ``(...)`` or class probabilities ``(..., C)``.
 - :class:`ContentLoss`, :class:`StyleLoss`: neural style transfer's content and style costs
@@ -25,6 +27,7 @@ terms, one per position; ``reduction="mean"`` divides it by the number of positi
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -130,13 +133,29 @@ class Loss:
         if target.dtype.kind not in "biuf":
             raise DTypeError(f"{self.name}: expected a numeric target, got dtype {target.dtype}")
 
+    #: whether targets are probabilities in [0, 1] (the binary cross-entropies, Dice): a
+    #: target outside, such as a class index, would give a wrong loss without an error
+    _unit_targets = False
+
     def _check_target(self, ops: Backend, pred: Array, target: Any) -> Array:
         """Targets of the prediction's shape, cast to its dtype (labels 0/1 may be integers)."""
         self._check_target_array(ops, target)
         if tuple(target.shape) != tuple(pred.shape):
             raise ShapeError(f"{self.name}: expected the target of shape {tuple(pred.shape)} "
                              f"(the prediction's), got {tuple(target.shape)}")
-        return ops.asarray(target, dtype=pred.dtype)
+        target = ops.asarray(target, dtype=pred.dtype)
+        if self._unit_targets:
+            self._check_range(ops, target, "targets", 0, 1)
+        return target
+
+    def _check_range(self, ops: Backend, values: Array, what: str, low: float,
+                     high: float | None = None) -> None:
+        """Reject entries of ``values`` outside ``[low, high]`` (``high=None``: ``>= low``):
+        at once on the host devices, on a GPU at :meth:`check` (the loss turns NaN)."""
+        bad = values < low if high is None else (values < low) | (values > high)
+        where = f">= {low}" if high is None else f"in [{low}, {high}]"
+        self._pending.flag(ops, bad, values,
+                           lambda v: ValueError(f"{self.name}: expected {what} {where}, got {v}"))
 
 
 class MSE(Loss):
@@ -151,6 +170,55 @@ class MSE(Loss):
 
     def _dterms(self, ops: Backend, pred: Array, target: Array) -> Array:
         return 2 * (pred - target)
+
+
+class L1(Loss):
+    """Mean absolute error, PyTorch's ``nn.L1Loss``. ``pred`` and ``target`` have one shape.
+
+    ``loss = sum_i |pred_i - target_i|``, divided by the number of elements for
+    ``reduction="mean"``. Gradient: ``sign(pred_i - target_i)`` (0 where they are equal, as
+    PyTorch's)::
+
+        loss = L1()
+        value = loss(pred, target)     # 0-d array
+        model.backward(loss.backward())
+    """
+
+    def _terms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        return ops.abs(pred - target)
+
+    def _dterms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        return ops.xp.sign(pred - target)
+
+
+class Huber(Loss):
+    """Huber loss, PyTorch's ``nn.HuberLoss(delta=...)``: quadratic for small errors, linear
+    for large ones. ``pred`` and ``target`` have one shape.
+
+    With ``d = pred_i - target_i``: ``0.5 d^2`` where ``|d| <= delta``, else
+    ``delta (|d| - 0.5 delta)``; summed, or divided by the number of elements for
+    ``reduction="mean"``. Gradient: ``clip(d, -delta, delta)``. ``Huber(delta=1)`` is also
+    PyTorch's ``SmoothL1Loss(beta=1)``::
+
+        loss = Huber(delta=1.0)
+        value = loss(pred, target)
+    """
+
+    def __init__(self, delta: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not delta > 0:
+            raise ValueError(f"{self.name}: expected delta > 0, got {delta!r}")
+        self.delta = float(delta)
+
+    def __repr__(self) -> str:
+        return f"{self.name}(delta={self.delta!r}, reduction={self.reduction!r})"
+
+    def _terms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        a = ops.abs(pred - target)
+        return ops.where(a <= self.delta, 0.5 * a * a, self.delta * (a - 0.5 * self.delta))
+
+    def _dterms(self, ops: Backend, pred: Array, target: Array) -> Array:
+        return ops.clip(pred - target, -self.delta, self.delta)
 
 
 class BinaryCrossEntropy(Loss):
@@ -171,8 +239,18 @@ class BinaryCrossEntropy(Loss):
             raise ValueError(f"{self.name}: expected eps in (0, 0.5), got {eps!r}")
         self.eps = eps
 
+    _unit_targets = True
+
     def __repr__(self) -> str:
         return f"{self.name}(reduction={self.reduction!r}, eps={self.eps!r})"
+
+    def _check_target(self, ops: Backend, pred: Array, target: Any) -> Array:
+        target = super()._check_target(ops, pred, target)
+        # logits given for probabilities would be clipped into a plausible, wrong loss (torch's
+        # BCELoss refuses them too); BinaryCrossEntropyWithLogits is the loss for logits
+        self._check_range(ops, pred, "probabilities as the prediction (logits: use "
+                                     "BinaryCrossEntropyWithLogits),", 0, 1)
+        return target
 
     def _terms(self, ops: Backend, pred: Array, target: Array) -> Array:
         p = ops.clip(pred, self.eps, 1 - self.eps)
@@ -196,6 +274,8 @@ class BinaryCrossEntropyWithLogits(Loss):
     ``sigmoid(x) - t``. Mean over all elements for ``reduction="mean"``.
     """
 
+    _unit_targets = True
+
     def _terms(self, ops: Backend, x: Array, target: Array) -> Array:
         return ops.maximum(x, 0) - x * target + ops.log1p(ops.exp(-ops.abs(x)))
 
@@ -206,7 +286,10 @@ class BinaryCrossEntropyWithLogits(Loss):
 class SoftmaxCrossEntropy(Loss):
     """Cross-entropy of a softmax over the last axis. ``x``: logits ``(..., C)``, such as
     ``(N, C)`` or ``(T, N, C)``; ``target``: integer labels ``(...)`` in ``[0, C)``, or class
-    probabilities (one-hot or soft) ``(..., C)``.
+    probabilities (one-hot or soft, ``>= 0``) ``(..., C)``. ``C = 1`` is refused: a softmax
+    over one class is 1 and the loss 0 whatever the target (one output per sample:
+    :class:`BinaryCrossEntropyWithLogits` or :class:`MSE`). Targets are checked as labels
+    are: at once on the host devices, through :meth:`check` on a GPU.
 
     Per position: ``loss = -sum_c t_c log softmax(x)_c`` (``-log softmax(x)_label`` for
     labels), from a stable ``log_softmax``; divided by the number of positions (``N``, or
@@ -238,8 +321,14 @@ class SoftmaxCrossEntropy(Loss):
             raise ShapeError(f"{self.name}: expected logits of shape (..., C), got a scalar")
         self._check_target_array(ops, target)
         shape, classes = tuple(x.shape), x.shape[-1]
+        if classes < 2:  # softmax over one class is 1: the loss would be 0 whatever the target
+            raise ShapeError(f"{self.name}: expected logits (..., C) of at least 2 classes, got "
+                             f"shape {shape}; for one output per sample use "
+                             "BinaryCrossEntropyWithLogits (two classes) or MSE (regression)")
         if tuple(target.shape) == shape:
-            return ops.asarray(target, dtype=x.dtype)
+            target = ops.asarray(target, dtype=x.dtype)
+            self._check_range(ops, target, "class probabilities", 0)
+            return target
         if tuple(target.shape) != shape[:-1]:
             raise ShapeError(f"{self.name}: expected the target as labels of shape "
                              f"{shape[:-1]} or probabilities of shape {shape} for logits "
@@ -268,6 +357,8 @@ class FocalLoss(Loss):
     Gradient, with ``m = 1 - p_t`` and ``ce = -log(p_t)``:
     ``alpha_t (m^gamma (p - t) + gamma m^(gamma-1) (1 - 2t) p (1 - p) ce)``.
     """
+
+    _unit_targets = True
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25,
                  reduction: str = "mean") -> None:
@@ -312,6 +403,8 @@ class DiceLoss(Loss):
     that broadcasts to one sample's shape (per class: ``(C, 1, 1)``), default 1. Gradient,
     with ``F = f(Y) + f(H) + smooth``: ``G ((2 S + smooth) - 2 Y F) / F^2``.
     """
+
+    _unit_targets = True
 
     def __init__(self, smooth: float = 1.0, weights: Any = None, reduction: str = "mean") -> None:
         super().__init__(reduction)

@@ -1,7 +1,7 @@
 """Compile CUDA source to PTX with NVRTC, the compiler CuPy uses, through ctypes.
 
-This needs no GPU and no CuPy, only the NVRTC library (``pip install nvidia-cuda-nvrtc-cu12``,
-part of the ``test`` extra), so every kernel can be compile-checked on any machine.
+This needs no GPU and no CuPy, only the NVRTC library (the ``nvrtc`` extra:
+``nvidia-cuda-nvrtc-cu12``), so every kernel can be compile-checked on any machine.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def library() -> ctypes.CDLL:
             except OSError:
                 continue
         else:
-            raise KernelCompileError("NVRTC is not installed: pip install nvidia-cuda-nvrtc-cu12")
+            raise KernelCompileError("NVRTC is not installed: pip install -e '.[nvrtc]' "
+                                     "(nvidia-cuda-nvrtc-cu12)")
         lib.nvrtcGetErrorString.restype = ctypes.c_char_p
         _lib = lib
     return _lib

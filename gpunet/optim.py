@@ -8,8 +8,10 @@ it to the host for checkpoints and ``load_state_dict()`` puts it back.
 
 - :class:`SGD`, with optional momentum, Nesterov momentum and L2 weight decay.
 - :class:`RMSprop` and :class:`Adam`.
+- :class:`AdamW` (decoupled weight decay).
 - Schedules, stepped once per epoch: :class:`ExponentialDecay`, :class:`StepDecay`,
-  :class:`InverseTimeDecay`.
+  :class:`InverseTimeDecay`, :class:`CosineAnnealing`, :class:`LinearWarmup` (wraps any of
+  these) and :class:`ReduceLROnPlateau` (stepped with the validation metric).
 - :func:`clip_grad_norm` and :func:`clip_grad_value`.
 """
 from __future__ import annotations
@@ -56,6 +58,13 @@ class Optimizer:
                             f"(model.params()), got {type(params).__name__}")
         if not params:
             raise ValueError(f"{self.name}: expected at least one parameter, got none")
+        first: dict[int, str] = {}
+        for pname, p in params.items():  # a shared Parameter must be updated once per step
+            if id(p) in first:
+                raise ValueError(f"{self.name}: parameters {first[id(p)]!r} and {pname!r} are "
+                                 "the same Parameter (pass model.params(), which lists a "
+                                 "shared one once)")
+            first[id(p)] = pname
         _positive(self.name, "lr", lr)
         self.params = params
         self.lr = float(lr)
@@ -83,10 +92,13 @@ class Optimizer:
 
     @on_device
     def step(self) -> None:
-        """Update every parameter once from its gradient."""
+        """Update every parameter once from its gradient. A frozen one
+        (``requires_grad=False``) is skipped whole: no weight decay, and its slots (momentum,
+        Adam's moments) stay as they are."""
         self.step_count += 1
         for pname, p in self.params.items():
-            self.update(p.data, p.grad, self._slots_of(pname, p))
+            if p.requires_grad:
+                self.update(p.data, p.grad, self._slots_of(pname, p))
 
     @on_device
     def zero_grad(self) -> None:
@@ -228,9 +240,13 @@ class Adam(Optimizer):
         self.add_slots("exp_avg", "exp_avg_sq")
 
     def update(self, w: Array, g: Array, slots: dict[str, Array]) -> None:
-        b1, b2 = self.betas
         if self.weight_decay:
             g = g + self.weight_decay * w
+        self._adam_step(w, g, slots)
+
+    def _adam_step(self, w: Array, g: Array, slots: dict[str, Array]) -> None:
+        """The moment updates and the bias-corrected step, shared with AdamW."""
+        b1, b2 = self.betas
         m, v = slots["exp_avg"], slots["exp_avg_sq"]
         m *= b1
         m += (1 - b1) * g
@@ -239,6 +255,29 @@ class Adam(Optimizer):
         t = self.step_count
         denom = v ** 0.5 / math.sqrt(1 - b2 ** t) + self.eps
         w -= self.lr / (1 - b1 ** t) * (m / denom)
+
+
+class AdamW(Adam):
+    """AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay.
+
+    The decay shrinks the weights directly instead of entering the gradient (so Adam's
+    scaling does not weaken it): ``w -= lr weight_decay w``; then Adam's step without decay,
+    ``m = b1 m + (1 - b1) grad``; ``v = b2 v + (1 - b2) grad^2``;
+    ``w -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)``.
+
+    >>> from gpunet.layers import Dense
+    >>> opt = AdamW(Dense(4, 2).params(), lr=1e-3, weight_decay=0.01)
+    """
+
+    def __init__(self, params: dict[str, Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+    def update(self, w: Array, g: Array, slots: dict[str, Array]) -> None:
+        if self.weight_decay:
+            w *= 1 - self.lr * self.weight_decay
+        self._adam_step(w, g, slots)
 
 
 #: Optimizers by the name the command line takes.
@@ -324,6 +363,181 @@ class InverseTimeDecay(LRSchedule):
 
     def lr_at(self, epoch: int) -> float:
         return self.base_lr / (1 + self.decay_rate * epoch / self.decay_steps)
+
+
+class CosineAnnealing(LRSchedule):
+    """``lr = eta_min + (base_lr - eta_min) (1 + cos(pi epoch / t_max)) / 2``, the closed
+    form of ``torch.optim.lr_scheduler.CosineAnnealingLR``: from ``base_lr`` down to
+    ``eta_min`` at epoch ``t_max`` (and, as torch's, back up after it: pick ``t_max`` =
+    the number of epochs).
+
+    >>> from gpunet.layers import Dense
+    >>> opt = SGD(Dense(4, 2).params(), lr=0.1)
+    >>> schedule = CosineAnnealing(opt, t_max=10)  # Trainer(..., schedule=schedule)
+    >>> schedule.step(); round(opt.lr, 6)
+    0.097553
+    """
+
+    def __init__(self, optimizer: Optimizer, t_max: int, eta_min: float = 0.0) -> None:
+        super().__init__(optimizer)
+        _require(self.name, "t_max", t_max, isinstance(t_max, int)
+                 and not isinstance(t_max, bool) and t_max > 0, "to be an integer > 0")
+        _non_negative(self.name, "eta_min", eta_min)
+        self.t_max, self.eta_min = t_max, float(eta_min)
+
+    def lr_at(self, epoch: int) -> float:
+        return self.eta_min + (self.base_lr - self.eta_min) * (
+            1 + math.cos(math.pi * epoch / self.t_max)) / 2
+
+
+class LinearWarmup(LRSchedule):
+    """Linear warm-up before another schedule, as torch's ``SequentialLR`` of ``LinearLR``
+    and that schedule with ``milestones=[warmup_epochs]``.
+
+    For ``epoch < warmup_epochs``: ``lr = base_lr (start_factor + (1 - start_factor)
+    epoch / warmup_epochs)``; from then on the wrapped schedule runs as if started at the
+    end of the warm-up: ``lr = schedule.lr_at(epoch - warmup_epochs)``. Given an optimizer
+    instead of a schedule, the rate stays at ``base_lr`` after the warm-up. The rate is set
+    to ``start_factor base_lr`` at once, for the first epoch.
+
+    >>> from gpunet.layers import Dense
+    >>> opt = SGD(Dense(4, 2).params(), lr=0.1)
+    >>> schedule = LinearWarmup(CosineAnnealing(opt, t_max=20), warmup_epochs=5)
+    >>> round(opt.lr, 6)
+    0.033333
+    """
+
+    def __init__(self, schedule: "LRSchedule | Optimizer", warmup_epochs: int,
+                 start_factor: float = 1 / 3) -> None:
+        if not isinstance(schedule, (LRSchedule, Optimizer)):
+            raise TypeError(f"LinearWarmup: expected an optimizer or a schedule with a "
+                            f"closed form (CosineAnnealing, StepDecay, ...), got "
+                            f"{type(schedule).__name__}")
+        self.inner = schedule if isinstance(schedule, LRSchedule) else None
+        super().__init__(schedule.optimizer if self.inner else schedule)
+        if self.inner is not None:
+            self.base_lr = self.inner.base_lr
+        _require(self.name, "warmup_epochs", warmup_epochs, isinstance(warmup_epochs, int)
+                 and not isinstance(warmup_epochs, bool) and warmup_epochs > 0,
+                 "to be an integer > 0")
+        _require(self.name, "start_factor", start_factor, _is_number(start_factor)
+                 and 0 < start_factor <= 1, "in (0, 1]")
+        self.warmup_epochs, self.start_factor = warmup_epochs, float(start_factor)
+        self.optimizer.lr = self.lr_at(0)
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.base_lr * (self.start_factor + (1 - self.start_factor)
+                                   * epoch / self.warmup_epochs)
+        return self.base_lr if self.inner is None else self.inner.lr_at(
+            epoch - self.warmup_epochs)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.inner is not None:  # one base rate for both: the wrapped one warms up
+            self.inner.base_lr = self.base_lr
+            self.optimizer.lr = self.lr_at(self.epoch)
+
+
+class ReduceLROnPlateau:
+    """Cut the rate when a metric stops improving, as
+    ``torch.optim.lr_scheduler.ReduceLROnPlateau``. ``step(value)`` once per epoch with
+    the monitored value (the Trainer passes its history's ``monitor`` entry, default
+    ``"val_loss"``, so ``fit`` needs ``val=``).
+
+    A value is better than ``best`` when ``value < best (1 - threshold)`` (mode "min",
+    threshold_mode "rel"; "abs": ``value < best - threshold``; mode "max" mirrors them).
+    After more than ``patience`` epochs without a better value, ``lr = max(lr factor,
+    min_lr)`` (skipped if that changes it by at most ``eps``), and ``cooldown`` epochs pass
+    before bad epochs count again.
+
+    >>> from gpunet.layers import Dense
+    >>> opt = SGD(Dense(4, 2).params(), lr=0.1)
+    >>> schedule = ReduceLROnPlateau(opt, patience=1)
+    >>> for val_loss in [1.0, 1.0, 1.0]:
+    ...     schedule.step(val_loss)
+    >>> round(opt.lr, 6)
+    0.01
+    """
+
+    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1,
+                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
+                 cooldown: int = 0, min_lr: float = 0.0, eps: float = 1e-8,
+                 monitor: str = "val_loss") -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{self.name}: expected an optimizer, got "
+                            f"{type(optimizer).__name__}")
+        _require(self.name, "mode", mode, mode in ("min", "max"), "'min' or 'max'")
+        _require(self.name, "threshold_mode", threshold_mode,
+                 threshold_mode in ("rel", "abs"), "'rel' or 'abs'")
+        _require(self.name, "factor", factor, _is_number(factor) and 0 < factor < 1,
+                 "in (0, 1)")
+        for name, value in (("patience", patience), ("cooldown", cooldown)):
+            _require(self.name, name, value, isinstance(value, int)
+                     and not isinstance(value, bool) and value >= 0, "to be an integer >= 0")
+        _non_negative(self.name, "threshold", threshold)
+        _non_negative(self.name, "min_lr", min_lr)
+        _non_negative(self.name, "eps", eps)
+        _require(self.name, "monitor", monitor, isinstance(monitor, str),
+                 "to be a history key such as 'val_loss'")
+        self.optimizer, self.mode, self.factor, self.patience = optimizer, mode, factor, patience
+        self.threshold, self.threshold_mode, self.cooldown = threshold, threshold_mode, cooldown
+        self.min_lr, self.eps, self.monitor = float(min_lr), eps, monitor
+        self.epoch = self.num_bad_epochs = self.cooldown_counter = 0
+        self.best = math.inf if mode == "min" else -math.inf
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def _better(self, value: float) -> bool:
+        if self.threshold_mode == "rel":
+            bound = self.best * (1 - self.threshold if self.mode == "min"
+                                 else 1 + self.threshold)
+        else:
+            bound = self.best - self.threshold if self.mode == "min" else \
+                self.best + self.threshold
+        return value < bound if self.mode == "min" else value > bound
+
+    def step(self, value: float) -> None:
+        """Record one epoch's monitored ``value`` (a number) and cut the rate if due."""
+        value = float(value)  # a NaN is never better, as in torch
+        self.epoch += 1
+        if self._better(value):
+            self.best, self.num_bad_epochs = value, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            new_lr = max(self.optimizer.lr * self.factor, self.min_lr)
+            if self.optimizer.lr - new_lr > self.eps:
+                self.optimizer.lr = new_lr
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "best", "num_bad_epochs", "cooldown_counter"}``; the rate itself is
+        the optimizer's (its ``state_dict`` holds it)."""
+        return {"epoch": self.epoch, "best": self.best, "num_bad_epochs": self.num_bad_epochs,
+                "cooldown_counter": self.cooldown_counter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; raises ValueError, changing nothing, if it is not one."""
+        owner = f"{self.name}.load_state_dict"
+        keys = {"epoch", "best", "num_bad_epochs", "cooldown_counter"}
+        if not isinstance(state, dict) or not keys <= state.keys():
+            raise ValueError(f"{owner}: expected a dict with keys {sorted(keys)}, got {state!r}")
+        for key in ("epoch", "num_bad_epochs", "cooldown_counter"):
+            value = state[key]
+            _require(owner, key, value, isinstance(value, int) and not isinstance(value, bool)
+                     and value >= 0, "to be an integer >= 0")
+        best = state["best"]
+        _require(owner, "best", best, isinstance(best, (int, float))
+                 and not isinstance(best, bool) and not math.isnan(best), "to be a number")
+        self.epoch, self.best = state["epoch"], float(best)
+        self.num_bad_epochs, self.cooldown_counter = state["num_bad_epochs"], \
+            state["cooldown_counter"]
 
 
 # -- gradient clipping --------------------------------------------------------------------

@@ -84,7 +84,7 @@ class _Masked(Layer):
     def children(self) -> dict[str, Layer]:
         return {"layer": self.layer}
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.save_for_backward()
         return self.layer.forward(x, training, key_padding_mask=self.ops.asarray(self.mask))
 

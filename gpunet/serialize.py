@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +53,40 @@ def _write(path: str | os.PathLike, header: dict[str, Any], arrays: dict[str, np
         raise
 
 
+#: the first bytes of a zip archive (a .npz file) and of a single NumPy array (.npy)
+_ZIP_MAGIC, _NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
+
+
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The header and arrays of a gpunet file. A missing file raises FileNotFoundError;
+    anything else that is not an intact gpunet file raises CheckpointError."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a gpunet model or checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {e}") from e
+    if not magic.startswith(_ZIP_MAGIC):
+        what = ("an empty file" if not magic else "a single NumPy array (.npy)"
+                if magic == _NPY_MAGIC else "not a .npz archive")
+        raise CheckpointError(f"{path}: not a gpunet file ({what}); gpunet.save and "
+                              "checkpoints write .npz archives")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-        header = json.loads(arrays.pop(_HEADER).tobytes().decode())
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError,
-            UnicodeDecodeError, zipfile.LargeZipFile) as e:
+        blob = arrays.pop(_HEADER, None)
+        header = None if blob is None else json.loads(blob.tobytes().decode())
+    except Exception as e:
+        # A damaged archive fails in whichever structure broke first, and the zip, zlib, npy
+        # and JSON readers each raise their own exceptions (BadZipFile, zlib.error,
+        # NotImplementedError for a garbled version field, ValueError, EOFError, ...)
+        reason = ("it holds pickled (object) arrays, which gpunet neither writes nor loads"
+                  if "pickle" in str(e) else f"{type(e).__name__}: {e}")
         raise CheckpointError(f"{path}: not a readable gpunet file (truncated or corrupted?): "
-                              f"{e}") from e
+                              f"{reason}") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a gpunet file (no gpunet header)")
     if header.get("version") != VERSION:
@@ -114,8 +136,11 @@ def _json(value: Any) -> Any:
 def save(model: Layer, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
     """Write ``model`` (architecture, parameters and state) to ``path``, with ``meta``: JSON
     data that belongs with the model (a text model's vocabulary), read by :func:`read_meta`."""
-    _write(path, {"kind": "model", "architecture": model.config(), "dtype": str(model.dtype),
-                  "meta": _json(meta or {})}, _model_arrays(model))
+    header = {"kind": "model", "architecture": model.config(), "dtype": str(model.dtype),
+              "meta": _json(meta or {})}
+    if model.shared():  # the config rebuilds separate layers: record which weights are one
+        header["shared"] = model.shared()
+    _write(path, header, _model_arrays(model))
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,6 +158,12 @@ def load(path: str | os.PathLike, device: str | Backend = "cpu") -> Layer:
     header, arrays = _read(path)
     try:
         model = from_config(header["architecture"]).to(dtype=header["dtype"])
+        shared = header.get("shared", {})
+        if not isinstance(shared, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+            raise ValueError("the shared weights are not a map of names to names")
+        for alias, first in shared.items():  # tie again what was one Parameter when saved
+            model.share(alias, model.params()[first])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the model description cannot be built: {e}") from e
     _check_model_arrays(model, arrays, path)
@@ -141,9 +172,13 @@ def load(path: str | os.PathLike, device: str | Backend = "cpu") -> Layer:
 
 
 def save_checkpoint(path: str | os.PathLike, model: Layer, optimizer: Any = None,
-                    meta: dict[str, Any] | None = None) -> None:
-    """Write a training checkpoint: the model, the optimizer's state and JSON ``meta``."""
+                    meta: dict[str, Any] | None = None,
+                    extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write a training checkpoint: the model, the optimizer's state, JSON ``meta`` and
+    ``extra`` host arrays by name (early stopping's best weights), read back by
+    :func:`load_checkpoint`'s ``extra``."""
     arrays = _model_arrays(model)
+    arrays.update({f"extra/{k}": v for k, v in (extra or {}).items()})
     opt_meta = None
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -153,10 +188,11 @@ def save_checkpoint(path: str | os.PathLike, model: Layer, optimizer: Any = None
                   "dtype": str(model.dtype), "optimizer": opt_meta, "meta": meta or {}}, arrays)
 
 
-def load_checkpoint(path: str | os.PathLike, model: Layer,
-                    optimizer: Any = None) -> dict[str, Any]:
-    """Restore ``model`` (and ``optimizer``) from a checkpoint; returns its ``meta``.
-    Nothing is changed unless the whole file checks out and fits."""
+def load_checkpoint(path: str | os.PathLike, model: Layer, optimizer: Any = None,
+                    extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Restore ``model`` (and ``optimizer``) from a checkpoint; returns its ``meta``; a given
+    ``extra`` dict receives the extra arrays saved with it. Nothing is changed unless the
+    whole file checks out and fits."""
     header, arrays = _read(path)
     if header.get("architecture") != _json(model.config()):
         raise CheckpointError(f"{path}: the checkpoint was written for another architecture")
@@ -170,4 +206,6 @@ def load_checkpoint(path: str | os.PathLike, model: Layer,
         except ValueError as e:
             raise CheckpointError(f"{path}: optimizer state does not fit: {e}") from e
     _put_model_arrays(model, arrays)
+    if extra is not None:
+        extra.update({k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")})
     return header.get("meta", {})

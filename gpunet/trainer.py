@@ -21,6 +21,7 @@ from .losses import Loss
 from .optim import Optimizer, clip_grad_norm
 from .progress import ProgressBar
 from .serialize import load_checkpoint, save_checkpoint
+from .stopping import EarlyStopping
 
 #: ``metric(pred, target)``: a 0-d array on the prediction's device (or a float), or None
 #: when it does not apply to these targets.
@@ -68,7 +69,7 @@ class _Totals:
     def means(self) -> dict[str, float | None]:
         loss, metric = self.read()
         return {"loss": loss / max(self.seen, 1),
-                "acc": metric / self.metric_seen if self.metric_seen else None}
+                "metric": metric / self.metric_seen if self.metric_seen else None}
 
 
 class Trainer:
@@ -102,12 +103,20 @@ class Trainer:
         self.model = model.to(self.device).set_input_grad(False)  # its input is data
         self.loss, self.optimizer, self.schedule = loss, optimizer, schedule
         self.clip_norm, self.metric = clip_norm, metric
+        # history, evaluate and the progress bar name the metric after what it is: "accuracy",
+        # "dice", ... (its __name__; "metric" for a lambda)
+        name = getattr(metric, "__name__", "")
+        self.metric_name = name if name.isidentifier() else "metric"
         self.comm = comm if comm is not None else Communicator()
         for layer in self.model.walk():  # synchronised BatchNorm reduces over these ranks
             if isinstance(layer, BatchNorm):
                 layer.comm = self.comm
         self.progress, self.log = progress and self.comm.rank == 0, log
         self.history: list[dict[str, Any]] = []
+        self._early_stopping: EarlyStopping | None = None  # fit's, for its checkpoints
+        #: seconds spent in ``fit`` over the whole run, resumed parts included (kept in the
+        #: checkpoint, so a resumed run reports the time of all its epochs)
+        self.seconds = 0.0
 
     def _batch(self, xb: np.ndarray, yb: np.ndarray) -> tuple[Any, Any]:
         # float inputs take the model's dtype; integer ones (token indices) stay integers
@@ -115,27 +124,67 @@ class Trainer:
         return self.device.asarray(xb, dtype=dtype), self.device.asarray(yb)
 
     @on_device
+    def check_data(self, data: Dataset, samples: int = 2) -> None:
+        """Run the model and the loss on the first ``samples`` samples of ``data`` in eval
+        mode, so that a model, loss and dataset that do not fit together (logits for labels
+        given float targets, a mask for a classifier) raise the loss's or a layer's error
+        before any step is taken, rather than in the first step or, worse, never. Nothing
+        changes: no gradient, no update, no random draw, and no read of a GPU. :meth:`fit`
+        calls it on its training and validation data::
+
+            trainer.check_data(train)   # ShapeError: SoftmaxCrossEntropy: expected ...
+        """
+        if len(data) == 0:
+            return
+        x, y = self._batch(data.x[:samples], data.y[:samples])
+        self.loss.forward(self.model.forward(x, training=False), y)
+
+    @on_device
     def fit(self, train: Dataset, epochs: int, batch_size: int = 32, val: Dataset | None = None,
             checkpoint: str | os.PathLike | None = None, resume: bool = False,
-            seed: int | None = None, augment: Transform | None = None
-            ) -> list[dict[str, Any]]:
+            seed: int | None = None, augment: Transform | None = None,
+            early_stopping: EarlyStopping | None = None) -> list[dict[str, Any]]:
         """Train until ``epochs`` epochs are done in all (counting resumed ones); returns the
         history, one dict per epoch. ``augment`` (:mod:`gpunet.augment`) transforms the
         training batches, drawn from the loader's seed and the epoch (so a resumed run
-        continues identically); ``val`` and :meth:`evaluate` are never augmented."""
+        continues identically); ``val`` and :meth:`evaluate` are never augmented.
+
+        ``early_stopping`` (:class:`~gpunet.stopping.EarlyStopping`) ends training sooner
+        when its monitored history entry stops improving; the last row then has a
+        ``"stopped"`` entry saying why. A schedule with a ``monitor``
+        (:class:`~gpunet.optim.ReduceLROnPlateau`) is stepped with that entry."""
+        for what, watcher in (("schedule", self.schedule), ("early_stopping", early_stopping)):
+            monitor = getattr(watcher, "monitor", None)
+            if monitor is not None and monitor.startswith("val_") and val is None:
+                raise ValueError(f"Trainer.fit: {what} {type(watcher).__name__} monitors "
+                                 f"{monitor!r}: pass val= (a validation Dataset)")
+        self._early_stopping = early_stopping
+        for data in (train, val):  # a mismatch fails here, before the first step
+            if data is not None:
+                self.check_data(data)
         loader = DataLoader(train, batch_size, shuffle=True, seed=seed, rank=self.comm.rank,
                             world=self.comm.size, augment=augment)
-        start = 0
+        start, before, fit_started = 0, 0.0, time.perf_counter()
         if resume:
             if checkpoint is None or not os.path.exists(checkpoint):
                 raise FileNotFoundError(f"Trainer: nothing to resume from at {checkpoint!r}")
-            meta = load_checkpoint(checkpoint, self.model, self.optimizer)
+            extra: dict[str, np.ndarray] = {}
+            meta = load_checkpoint(checkpoint, self.model, self.optimizer, extra)
             start, self.history, loader.seed = meta["epoch"], meta["history"], meta["loader_seed"]
             rng.set_state(meta["rng"])
+            before = float(meta.get("seconds", 0.0))  # 0 in checkpoints older than the key
             if self.schedule is not None:
                 self.schedule.load_state_dict(meta["schedule"])
+            if early_stopping is not None:
+                early_stopping.reset()
+                if meta.get("early_stopping") is not None:  # else: saved without one
+                    early_stopping.load_state_dict(meta["early_stopping"], extra, self.model)
+                if early_stopping.stopped_epoch:  # the run had stopped: nothing to add
+                    start = epochs
         else:
             self.history = []
+            if early_stopping is not None:
+                early_stopping.reset()
         if self.comm.size > 1:  # every rank starts from rank 0's weights and shuffling seed
             seed_box = np.array([loader.seed], dtype=np.int64)
             self.comm.broadcast([seed_box])
@@ -145,10 +194,33 @@ class Trainer:
         for epoch in range(start, epochs):
             self._epoch(loader, epoch, epochs, val)
             if self.schedule is not None:
-                self.schedule.step()
+                if getattr(self.schedule, "monitor", None) is None:
+                    self.schedule.step()
+                else:
+                    self.schedule.step(self._monitored(self.schedule))
+            stop = early_stopping is not None and early_stopping.update(
+                self._monitored(early_stopping), epoch + 1, self.model)
+            if stop:  # the same on every rank: the history's metrics are reduced
+                early_stopping.restore(self.model)
+                self.history[-1]["stopped"] = early_stopping.reason()
             if checkpoint is not None:
+                self.seconds = before + time.perf_counter() - fit_started
                 self._save(checkpoint, epoch + 1, loader.seed)
+            if stop:
+                break
+        self.seconds = before + time.perf_counter() - fit_started
         return self.history
+
+    def _monitored(self, watcher: Any) -> float:
+        """The last history row's entry that ``watcher`` (a schedule or EarlyStopping)
+        monitors: a host number, read at the epoch's end with the others."""
+        value = self.history[-1].get(watcher.monitor)
+        if value is None:
+            known = sorted(k for k, v in self.history[-1].items() if v is not None)
+            raise ValueError(f"Trainer.fit: {type(watcher).__name__} monitors "
+                             f"{watcher.monitor!r}, which this run's history does not have "
+                             f"(it has {known})")
+        return float(value)
 
     def _epoch(self, loader: DataLoader, epoch: int, epochs: int, val: Dataset | None) -> None:
         started = time.perf_counter()
@@ -167,7 +239,7 @@ class Trainer:
             if self.comm.size == 1:  # with several ranks only rank 0 draws: check in step
                 self._check_finite(means["loss"], epoch, checked, step + 1)
                 checked = step + 1
-            return means
+            return self._shown({"loss": means["loss"], self.metric_name: means["metric"]})
 
         for step, (xb, yb) in enumerate(loader):
             n = len(xb)
@@ -193,14 +265,22 @@ class Trainer:
         means = totals.means()
         self._check_finite(means["loss"], epoch, checked, len(loader))
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": means["loss"],
-                               "accuracy": means["acc"], "lr": self.optimizer.lr}
+                               self.metric_name: means["metric"], "lr": self.optimizer.lr}
         if val is not None:
             scores = self.evaluate(val)
-            row.update({"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]})
+            row.update({"val_loss": scores["loss"],
+                        f"val_{self.metric_name}": scores[self.metric_name]})
         row["seconds"] = time.perf_counter() - started
         self.history.append(row)
-        bar.close(loss=row["loss"], acc=row["accuracy"], val_loss=row.get("val_loss"),
-                  val_acc=row.get("val_accuracy"))
+        bar.close(**self._shown(row))
+
+    def _shown(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The progress bar's figures from a history row: loss and the metric, as trained
+        and validated (accuracy shown as ``acc``, other metrics by name: ``dice``)."""
+        label = "acc" if self.metric_name == "accuracy" else self.metric_name
+        return {"loss": row["loss"], label: row.get(self.metric_name),
+                "val_loss": row.get("val_loss"),
+                f"val_{label}": row.get(f"val_{self.metric_name}")}
 
     def _check_finite(self, loss: float, epoch: int, first: int, last: int) -> None:
         """Stop with TrainingDiverged if ``loss`` (of steps ``first + 1`` to ``last``) is not
@@ -252,9 +332,13 @@ class Trainer:
                                    f"epoch {epochs_done}; the last good checkpoint is kept")
         if self.comm.rank == 0:
             meta = {"epoch": epochs_done, "history": self.history, "loader_seed": loader_seed,
-                    "rng": rng.get_state(),
+                    "rng": rng.get_state(), "seconds": self.seconds,
                     "schedule": None if self.schedule is None else self.schedule.state_dict()}
-            save_checkpoint(path, self.model, self.optimizer, meta)
+            extra = None
+            if self._early_stopping is not None:
+                meta["early_stopping"] = self._early_stopping.state_dict()
+                extra = self._early_stopping.best_weights
+            save_checkpoint(path, self.model, self.optimizer, meta, extra)
         self.comm.barrier()  # no rank reads the checkpoint before it is whole
 
     @on_device
@@ -276,12 +360,14 @@ class Trainer:
             self.loss.check()
             self.model.check()
         return {"loss": loss / len(data),
-                "accuracy": metric / totals.metric_seen if totals.metric_seen else None}
+                self.metric_name: metric / totals.metric_seen if totals.metric_seen else None}
 
     @on_device
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Model outputs for ``x`` in eval mode, as a NumPy array (read back once)."""
-        dtype = self.model.dtype if np.asarray(x).dtype.kind == "f" else None
+    def predict(self, x: np.ndarray | Dataset, batch_size: int = 256) -> np.ndarray:
+        """Model outputs for ``x`` (an array of inputs, or a Dataset, whose targets are not
+        used) in eval mode, as a NumPy array (read back once)."""
+        x = x.x if isinstance(x, Dataset) else np.asarray(x)
+        dtype = self.model.dtype if x.dtype.kind == "f" else None
         outs = [self.model.forward(self.device.asarray(x[i:i + batch_size], dtype=dtype),
                                    training=False)
                 for i in range(0, len(x), batch_size)]

@@ -278,11 +278,13 @@ def test_loader_order_depends_only_on_seed_and_epoch():
     ds = _indexed(64)
     loader = data.DataLoader(ds, batch_size=8, seed=11)
     first = _epoch_order(loader)
-    np.testing.assert_array_equal(_epoch_order(loader), first)  # iteration does not advance
-    assert loader.epoch == 0
-    loader.set_epoch(1)
+    assert loader.epoch == 1  # a pass advances the epoch: the next one is shuffled anew
     second = _epoch_order(loader)
     assert not np.array_equal(first, second)
+    loader.set_epoch(0)
+    np.testing.assert_array_equal(_epoch_order(loader), first)
+    loader.set_epoch(1)
+    np.testing.assert_array_equal(_epoch_order(loader), second)
     # A fresh loader "resumed" at epoch 1 sees the same batches.
     resumed = data.DataLoader(ds, batch_size=8, seed=11)
     resumed.set_epoch(1)

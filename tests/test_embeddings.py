@@ -548,7 +548,7 @@ def test_an_embedding_epoch_on_a_gpu_reads_nothing_per_step(mining, standin):
     trainer.fit(train, epochs=1, batch_size=32, seed=0)
     assert counters.host_reads <= 2, counters.as_dict()
     assert counters.uploads <= 2 * 6 + 2, counters.as_dict()  # each batch's x and y
-    assert trainer.history[-1]["accuracy"] is not None
+    assert trainer.history[-1]["batch_nn_accuracy"] is not None
 
 
 def test_embed_model_saves_and_loads(tmp_path):

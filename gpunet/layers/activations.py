@@ -16,7 +16,7 @@ class Sigmoid(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         y = self.ops.sigmoid(x)
         self.save_for_backward(y)
@@ -34,7 +34,7 @@ class Tanh(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         y = self.ops.tanh(x)
         self.save_for_backward(y)
@@ -52,7 +52,7 @@ class ReLU(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         self.save_for_backward(x)
         return self.ops.relu(x)
@@ -70,7 +70,7 @@ class LeakyReLU(Layer):
         super().__init__()
         self.slope = float(slope)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         self.save_for_backward(x)
         return self.ops.leaky_relu(x, self.slope)
@@ -88,7 +88,7 @@ class ELU(Layer):
         super().__init__()
         self.alpha = float(alpha)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         y = self.ops.elu(x, self.alpha)
         self.save_for_backward(x, y)
@@ -110,7 +110,7 @@ class SELU(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         e = self.ops.elu(x, self.ALPHA)
         self.save_for_backward(x, e)
@@ -128,7 +128,7 @@ class Softplus(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         self.save_for_backward(x)
         return self.ops.softplus(x)
@@ -146,7 +146,7 @@ class Softmax(Layer):
         super().__init__()
         self.axis = int(axis)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if not -x.ndim <= self.axis < x.ndim:
             raise _axis_error(self, x)
@@ -176,7 +176,7 @@ class GELU(Layer):
                              f"got {approximate!r}")
         self.approximate = approximate
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         self.save_for_backward(x)
         return self.ops.gelu(x, self.approximate)
@@ -223,7 +223,7 @@ class SigmoidGenerator(_PerUnit):
         self.features = features
         self.alpha = self.add_param("alpha", np.full((features,), float(alpha)))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         _, shape, sum_axes = self.check_units(x)
         a = self.alpha.data.reshape(shape)
         s = self.ops.sigmoid(x)
@@ -251,7 +251,7 @@ class NonlinearityGenerator(_PerUnit):
         self.features = features
         self.b = self.add_param("b", np.full((features,), float(b)))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         _, shape, sum_axes = self.check_units(x)
         passed = x >= self.b.data.reshape(shape)
         self.save_for_backward(passed, sum_axes)

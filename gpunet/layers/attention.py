@@ -187,7 +187,7 @@ class MultiHeadAttention(Layer):
         heads = y.reshape(steps, batch, -1, self.num_heads, self.head_dim)
         return x2, heads.transpose(2, 1, 3, 0, 4)
 
-    def forward(self, x: Any, training: bool = True, key_padding_mask: Any = None) -> Any:
+    def forward(self, x: Any, training: bool | None = None, key_padding_mask: Any = None) -> Any:
         (query, key, value), cross = self._inputs(x)
         (steps, batch, e), keys = query.shape, key.shape[0]
         ignored = _ignored(self, key_padding_mask, self.causal, batch, steps, keys)
@@ -302,7 +302,7 @@ class AdditiveAttention(Layer):
                              f"the query, {query.shape[1]}, got shape {tuple(key.shape)}")
         return query, key, value
 
-    def forward(self, x: Any, training: bool = True, key_padding_mask: Any = None) -> Any:
+    def forward(self, x: Any, training: bool | None = None, key_padding_mask: Any = None) -> Any:
         query, key, value = self._inputs(x)
         (steps, batch, _), keys, h, ops = query.shape, key.shape[0], self.hidden_dim, self.ops
         ignored = _ignored(self, key_padding_mask, False, batch, steps, keys)

@@ -10,7 +10,18 @@ from .base import Layer
 class Sequential(Layer):
     """``y = f_k(... f_2(f_1(x)))``; backward runs the layers in reverse.
     Parameters are named ``"<index>.<name>"``, e.g. ``"0.weight"``. Like every layer, a
-    container lives on the CPU in float32 until ``to`` moves it and its children."""
+    container lives on the CPU in float32 until ``to`` moves it and its children.
+
+    >>> import numpy as np
+    >>> from gpunet.layers import Dense, ReLU
+    >>> model = Sequential([Dense(4, 32), ReLU(), Dense(32, 3)])
+    >>> sorted(model.params())
+    ['0.bias', '0.weight', '2.bias', '2.weight']
+    >>> y = model(np.ones((8, 4), np.float32))
+    >>> model.backward(np.ones_like(y)).shape    # dx; every layer's gradients accumulated
+    (8, 4)
+    >>> model = model.to("cpu", "float64")       # or "cuda", "emulated"
+    """
 
     def __init__(self, layers: Sequence[Layer]) -> None:
         super().__init__()
@@ -30,7 +41,7 @@ class Sequential(Layer):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         for layer in self.layers:
             x = layer.forward(x, training)
         self.save_for_backward()
@@ -66,12 +77,16 @@ class Graph(Layer):
     topological order. A node read by several others (fan-out) receives the sum of their
     gradients. ``outputs`` names the result (a list gives several); by default the last node.
 
-    Example, a residual block::
+    Example, a residual block ``out = relu(fc(x)) + x``:
 
-        g = Graph("x")
-        g.add("fc", Dense(16, 16), "x")
-        g.add("act", ReLU(), "fc")
-        g.add("out", Sum(), ["act", "x"])
+    >>> import numpy as np
+    >>> from gpunet.layers import Dense, ReLU, Sum
+    >>> g = Graph("x")
+    >>> g = g.add("fc", Dense(16, 16), "x").add("act", ReLU(), "fc")
+    >>> g = g.add("out", Sum(), ["act", "x"])
+    >>> y = g(np.ones((2, 16), np.float32))
+    >>> g.backward(np.ones_like(y)).shape        # dx: the block's path and the skip add up
+    (2, 16)
     """
 
     def __init__(self, inputs: str | Sequence[str] = "x",
@@ -82,8 +97,14 @@ class Graph(Layer):
         self._single_input = isinstance(inputs, str)
         self._nodes: list[tuple[str, Layer, str | list[str]]] = []
         self._args["nodes"] = []
-        for name, layer, sources in nodes:
-            self.add(name, layer, sources)
+        if not isinstance(nodes, (list, tuple)):
+            raise TypeError(f"Graph: expected nodes as a list of [name, layer, sources], got "
+                            f"{type(nodes).__name__}")
+        for i, node in enumerate(nodes):
+            if not isinstance(node, (list, tuple)) or len(node) != 3:
+                raise TypeError(f"Graph: expected node {i} as [name, layer, sources], got "
+                                f"{node!r}")
+            self.add(*node)
         self.set_outputs(outputs)
 
     def add(self, name: str, layer: Layer, sources: str | Sequence[str]) -> "Graph":
@@ -124,7 +145,7 @@ class Graph(Layer):
     def children(self) -> dict[str, Layer]:
         return {name: layer for name, layer, _ in self._nodes}
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         xs = [x] if self._single_input else x
         if not isinstance(xs, (list, tuple)) or len(xs) != len(self.input_names):
             got = f"{len(xs)} inputs" if isinstance(xs, (list, tuple)) else type(xs).__name__

@@ -43,16 +43,25 @@ class Conv2D(Layer):
     ``(out_channels,)``, y ``(N, out_channels, Ho, Wo)`` with
     ``Ho = (H + 2 ph - kh) // sh + 1`` (likewise ``Wo``). ``kernel_size``, ``stride`` and
     ``padding`` take an int or a ``(height, width)`` pair; ``padding="valid"`` is 0 and
-    ``padding="same"`` (stride 1, odd kernel) keeps ``H x W``.
+    ``padding="same"`` (stride 1, odd kernel) keeps ``H x W``. ``init`` names the weight
+    initialiser (fans as PyTorch counts them, see :mod:`gpunet.init`); the bias starts at
+    zero.
 
-    Forward: ``cols = im2col(x)`` of shape ``(in kh kw, N Ho Wo)`` and ONE GEMM
+    >>> import numpy as np
+    >>> conv = Conv2D(3, 8, kernel_size=3, padding="same")
+    >>> y = conv(np.zeros((2, 3, 32, 32), np.float32))
+    >>> y.shape
+    (2, 8, 32, 32)
+    >>> conv.backward(np.ones_like(y)).shape    # dx; adds into weight.grad and bias.grad
+    (2, 3, 32, 32)
+
+    Implementation. Forward: ``cols = im2col(x)`` of shape ``(in kh kw, N Ho Wo)`` and ONE GEMM
     ``weight @ cols``. Backward: ``dweight = dy @ cols^T`` (one GEMM),
     ``dx = col2im(weight^T @ dy)`` (one GEMM, then a gather; None after
     ``set_input_grad(False)``), ``dbias = sum(dy)`` over ``n, p, q``; on CUDA and the
     emulated device im2col, col2im and the bias sum are kernels (``kernels/conv.cu``); the
     CPU runs the same algebra over cache-sized blocks of samples
-    (:class:`~gpunet.backends.CpuBackend`). ``init`` names the weight initialiser (fans as PyTorch
-    counts them, see :mod:`gpunet.init`); the bias starts at zero.
+    (:class:`~gpunet.backends.CpuBackend`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
@@ -80,7 +89,7 @@ class Conv2D(Layer):
         self.weight = self.add_param("weight", initializers.get(init)(shape))
         self.bias = self.add_param("bias", initializers.zeros((out_channels,))) if bias else None
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x, ndims=(4,))
         if x.shape[1] != self.in_channels:
             raise ShapeError(f"{self.name}: expected input of shape (N, {self.in_channels}, H, W), "
@@ -165,7 +174,7 @@ class ConvTranspose2D(Layer):
                              f"{tuple(x_shape)}")
         return size  # type: ignore[return-value]
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x, ndims=(4,))
         if x.shape[1] != self.in_channels:
             raise ShapeError(f"{self.name}: expected input of shape (N, {self.in_channels}, H, W), "

@@ -16,6 +16,14 @@ class Dense(Layer):
     ``dweight = dy.T @ x``, ``dbias = sum(dy)`` over all leading axes (``dx`` is None
     after ``set_input_grad(False)``).
     ``init`` names the weight initialiser (see :mod:`gpunet.init`); the bias starts at zero.
+
+    >>> import numpy as np
+    >>> layer = Dense(3, 2)                     # 3 features in, 2 out
+    >>> y = layer(np.ones((4, 3), np.float32))  # a batch of 4
+    >>> y.shape
+    (4, 2)
+    >>> layer.backward(np.ones_like(y)).shape   # dx; adds into weight.grad and bias.grad
+    (4, 3)
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -28,7 +36,7 @@ class Dense(Layer):
         self.weight = self.add_param("weight", initializers.get(init)((out_features, in_features)))
         self.bias = self.add_param("bias", initializers.zeros((out_features,))) if bias else None
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ShapeError(f"{self.name}: expected input of shape (*, {self.in_features}), "

@@ -16,7 +16,7 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: expected p in [0, 1), got {p}")
         self.p = float(p)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if not training or self.p == 0.0:
             self.save_for_backward(None, x.shape)

@@ -80,7 +80,7 @@ class Embedding(Layer):
                                    f"{self.name}: expected indices in "
                                    f"[0, {self.num_embeddings}), got {v}"))
 
-    def forward(self, indices: Any, training: bool = True) -> Any:
+    def forward(self, indices: Any, training: bool | None = None) -> Any:
         self.check_indices(indices)
         if not self.ops.on_host:  # a bad index is only flagged: keep lookup and scatter inside
             indices = self.ops.clip(indices, 0, self.num_embeddings - 1)
@@ -152,7 +152,7 @@ class PositionEmbedding(_Positions):
         self.weight = self.add_param("weight",
                                      rng.generator().standard_normal((max_len, embedding_dim)))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         t = self.steps(x)
         self.save_for_backward(x.shape)
         return x + self.along_batch(self.weight.data[:t])
@@ -210,7 +210,7 @@ class PositionalEncoding(_Positions):
                                            dtype=dtype)
         return self._table
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         t = self.steps(x)
         y = x + self.along_batch(self.table(x.dtype)[:t])
         mask = None

@@ -26,7 +26,7 @@ class Sum(Layer):
             self.activation.to(device, dtype)
         return self
 
-    def forward(self, xs: Any, training: bool = True) -> Any:
+    def forward(self, xs: Any, training: bool | None = None) -> Any:
         xs = self.check_inputs(xs)
         for i, x in enumerate(xs[1:], 1):
             if x.shape != xs[0].shape:
@@ -52,7 +52,7 @@ class Concat(Layer):
         super().__init__()
         self.axis = int(axis)
 
-    def forward(self, xs: Any, training: bool = True) -> Any:
+    def forward(self, xs: Any, training: bool | None = None) -> Any:
         xs = self.check_inputs(xs)
         ndim = xs[0].ndim
         if not -ndim <= self.axis < ndim:

@@ -18,10 +18,19 @@ class BatchNorm(Layer):
     follow PyTorch: ``running = (1 - momentum) * running + momentum * batch``, with the
     unbiased variance (``var * M / (M - 1)``, ``M`` values per feature). Eval: the running
     estimates take the place of ``mu`` and ``var``. Parameters ``"gamma"`` and ``"beta"``;
-    ``running_mean`` and ``running_var`` are saved with the model. The training backward
-    pass is ``ops.batchnorm_backward``: custom kernels on CUDA and the emulated device.
+    ``running_mean`` and ``running_var`` are saved with the model.
 
-    Data-parallel training keeps per-process statistics unless ``sync=True``: then the batch
+    >>> import numpy as np
+    >>> bn = BatchNorm(8)                        # 8 channels (or features)
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (16, 8, 4, 4)).astype(np.float32)
+    >>> y = bn(x, training=True)                 # batch statistics; running ones updated
+    >>> bool(abs(y.mean()) < 1e-5)
+    True
+    >>> bn(x, training=False).shape              # running statistics
+    (16, 8, 4, 4)
+
+    The training backward pass is ``ops.batchnorm_backward``: custom kernels on CUDA and
+    the emulated device. Data-parallel training keeps per-process statistics unless ``sync=True``: then the batch
     mean and variance, and the sums of the backward pass, are taken over the samples of all
     processes (the Trainer hands the layer its communicator as ``comm``), so N processes
     normalise exactly as one process with their joint batch would.
@@ -58,7 +67,7 @@ class BatchNorm(Layer):
         return across
 
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x, ndims=(2, 4))
         if x.shape[1] != self.features:
             raise ShapeError(f"{self.name}: expected {self.features} features on axis 1 of the "
@@ -140,7 +149,7 @@ class LayerNorm(Layer):
             self.weight = self.add_param("weight", np.ones(self.normalized_shape))
             self.bias = self.add_param("bias", np.zeros(self.normalized_shape))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         k = len(self.normalized_shape)
         if x.ndim < k or tuple(x.shape[x.ndim - k:]) != self.normalized_shape:

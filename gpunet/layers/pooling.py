@@ -34,12 +34,23 @@ class _Pool2D(Layer):
 
 class MaxPool2D(_Pool2D):
     """``y[n, c, p, q]`` = the maximum of the window at ``(p sh - ph, q sw - pw)``, padding
-    counting as -inf. The gradient of each window goes to its FIRST maximum (row-major order
-    within the window); with overlapping windows (stride < kernel) an element collects the
-    gradients of every window it is the maximum of. Both directions are kernels on CUDA and
-    the emulated device (``kernels/pooling.cu``)."""
+    counting as -inf, as PyTorch's ``MaxPool2d``. x ``(N, C, H, W)``, y ``(N, C, Ho, Wo)``,
+    ``Ho = (H + 2 ph - kh) // sh + 1``; ``stride`` defaults to ``kernel_size``.
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    >>> import numpy as np
+    >>> pool = MaxPool2D(2)                          # 2 x 2 windows, stride 2
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> pool(x)[0, 0].tolist()
+    [[5.0, 7.0], [13.0, 15.0]]
+    >>> pool.backward(np.ones((1, 1, 2, 2), np.float32))[0, 0].tolist()  # dx: at the maxima
+    [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
+
+    The gradient of each window goes to its FIRST maximum (row-major order within the
+    window); with overlapping windows (stride < kernel) an element collects the gradients of
+    every window it is the maximum of. Both directions are kernels on CUDA and the emulated
+    device (``kernels/pooling.cu``)."""
+
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         shape = self._check(x)
         y, index = self.ops.maxpool2d(x, self.kernel, self.stride, self.padding)
         self.save_for_backward(index, tuple(x.shape), shape)
@@ -58,7 +69,7 @@ class AvgPool2D(_Pool2D):
     ``count_include_pad=True``). Each input element receives ``dy / (kh kw)`` of every window
     that holds it."""
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         shape = self._check(x)
         self.save_for_backward(tuple(x.shape), shape)
         return self.ops.avgpool2d(x, self.kernel, self.stride, self.padding)
@@ -85,7 +96,7 @@ class Subsampling2D(Layer):
         self.weight = self.add_param("weight", np.ones(channels))
         self.bias = self.add_param("bias", np.zeros(channels))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x, ndims=(4,))
         if x.shape[1] != self.channels:
             raise ShapeError(f"{self.name}: expected input of shape (N, {self.channels}, H, W), "
@@ -115,7 +126,7 @@ class Upscale2D(Layer):
             raise ValueError(f"Upscale2D: expected scale to be an int >= 1, got {scale!r}")
         self.scale = scale
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x, ndims=(4,))
         s = self.scale
         self.save_for_backward((x.shape[0], x.shape[1], x.shape[2] * s, x.shape[3] * s))
@@ -134,7 +145,7 @@ class GlobalAvgPool2D(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x, ndims=(4,))
         plane = (x.shape[2], x.shape[3])
         self.save_for_backward(tuple(x.shape))

@@ -183,7 +183,7 @@ class RNN(_Recurrent):
         self.W_h = self.add_param("W_h", _uniform((h, h), h))
         self.b = self.add_param("b", np.zeros(h))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         (x,), (h0,), form = self._inputs(x)
         steps, batch, size = x.shape
         ops, act = self.ops, getattr(self.ops, self.activation)
@@ -223,7 +223,19 @@ class LSTM(_Recurrent):
 
     Input ``(T, N, I)`` (or ``[x, h0]``, ``[x, h0, c0]``), output every ``h_t``,
     ``(T, N, H)``; parameters ``"W_x"`` ``(4H, I)``, ``"W_h"`` ``(4H, H)``, ``"b"`` ``(4H,)``
-    (one bias: PyTorch's ``b_ih + b_hh``). One GEMM projects the inputs of all steps; each
+    (one bias: PyTorch's ``b_ih + b_hh``). ``return_state=True`` returns
+    ``[outputs, h_T, c_T]``. Time-major, as PyTorch's default; ``LastStep()`` keeps
+    ``h_T`` for a classifier.
+
+    >>> import numpy as np
+    >>> lstm = LSTM(input_size=5, hidden_size=16)
+    >>> h = lstm(np.zeros((10, 4, 5), np.float32))  # 10 steps, batch 4
+    >>> h.shape
+    (10, 4, 16)
+    >>> lstm.backward(np.ones_like(h)).shape        # dx; adds into W_x, W_h, b grads
+    (10, 4, 5)
+
+    Implementation. One GEMM projects the inputs of all steps; each
     step runs one GEMM and ``ops.lstm_cell_forward`` (a fused kernel on CUDA); backward runs
     ``ops.lstm_cell_backward`` and one GEMM per step, then one GEMM per weight gradient.
     Buffers are allocated once per sequence; steps read and write views of them.
@@ -241,7 +253,7 @@ class LSTM(_Recurrent):
         bias[h:2 * h] = 1.0  # forget gate open at the start
         self.b = self.add_param("b", bias)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         (x,), (h0, c0), form = self._inputs(x)
         steps, batch, size = x.shape
         ops, h = self.ops, self.hidden_size
@@ -299,7 +311,7 @@ class GRU(_Recurrent):
         self.b_x = self.add_param("b_x", np.zeros(3 * h))
         self.b_h = self.add_param("b_h", np.zeros(3 * h))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         (x,), (h0,), form = self._inputs(x)
         steps, batch, size = x.shape
         ops, h = self.ops, self.hidden_size
@@ -382,7 +394,7 @@ class MultiplicativeRNN(_Recurrent):
         self.W_hf = self.add_param("W_hf", _uniform((h, f), h))
         self.b = self.add_param("b", np.zeros(h))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         xs, (h0,), form = self._inputs(x)
         steps, batch = xs[0].shape[:2]
         ops, act, h, f = self.ops, getattr(self.ops, self.activation), self.hidden_size, self.factors
@@ -474,7 +486,7 @@ class Recurrent2D(Layer):
         return (tuple(self.ops.asarray(i) for i in (t + u + 1, t + 1)),  # type: ignore
                 tuple(self.ops.asarray(i) for i in np.nonzero(off)))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if x.ndim != 4 or x.shape[1] != self.input_size:
             raise ShapeError(f"{self.name}: expected input of shape (N, {self.input_size}, T, U), "
@@ -557,7 +569,7 @@ class AvgPoolTime(Layer):
         return out, [slice(j, j + self.stride * (out - 1) + 1, self.stride)
                      for j in range(self.window)]
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if x.ndim < 2 or x.shape[0] == 0:
             raise ShapeError(f"{self.name}: expected a sequence of shape (T, N, ...) with T >= 1, "
@@ -593,7 +605,7 @@ class LastStep(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if x.ndim < 2 or x.shape[0] == 0:
             raise ShapeError(f"{self.name}: expected a sequence of shape (T, N, ...) with T >= 1, "
@@ -617,7 +629,7 @@ class TimeMajor(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if x.ndim < 2:
             raise ShapeError(f"{self.name}: expected input of shape (N, T, ...) with at least "
@@ -710,7 +722,7 @@ class Bidirectional(Layer):
                              what=f"initial state {name} (forward direction first)")
         return seq, items[1:], multi
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         seq, states, multi = self._inputs(x)
         reverse = seq[::-1]
         out_f = self.forward_layer.forward([seq, *(s[0] for s in states)] if multi else seq,

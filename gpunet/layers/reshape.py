@@ -16,7 +16,7 @@ class Flatten(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         if x.ndim < 2:
             raise ShapeError(f"{self.name}: expected input of shape (N, ...) with at least "
@@ -38,7 +38,7 @@ class Identity(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         self.save_for_backward(x.shape)
         return x
@@ -81,7 +81,7 @@ class Reshape(Layer):
                              f"got {tuple(x.shape)}")
         return (x.shape[0], *(free if d == -1 else d for d in self.shape))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         out = self.output_shape(x)
         self.save_for_backward(x.shape, out)

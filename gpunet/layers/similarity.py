@@ -38,7 +38,7 @@ class CosineSimilarity(Layer):
             raise ValueError(f"CosineSimilarity: expected eps > 0, got {eps!r}")
         self.axis, self.eps = int(axis), float(eps)
 
-    def forward(self, xs: Any, training: bool = True) -> Any:
+    def forward(self, xs: Any, training: bool | None = None) -> Any:
         x1, x2 = self.check_inputs(xs, 2)
         if x1.shape != x2.shape:
             raise ShapeError(f"{self.name}: expected input 1 of input 0's shape "
@@ -80,7 +80,7 @@ class L2Normalize(Layer):
             raise ValueError(f"L2Normalize: expected eps > 0, got {eps!r}")
         self.axis, self.eps = int(axis), float(eps)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x)
         axis, ops = _axis(self, x, self.axis), self.ops
         norm = ops.sqrt(ops.sum(x * x, axis=axis, keepdims=True))

@@ -21,7 +21,7 @@ class Gram(Layer):
     def __init__(self) -> None:
         super().__init__()
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool | None = None) -> Any:
         self.check_input(x, ndims=(4,))
         n, c, h, w = x.shape
         a = x.reshape(n, c, h * w)
