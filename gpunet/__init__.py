@@ -9,6 +9,7 @@ from .backends import get_device as device
 from .errors import (CheckpointError, DeviceError, DTypeError, KernelCompileError, ShapeError,
                      StateError, TrainingDiverged)
 from .gradcheck import gradcheck
+from .interop import export_onnx, from_dlpack, load_safetensors, save_safetensors
 from .layers import Graph, Layer, Parameter, Sequential
 from .losses import (MSE, BinaryCrossEntropy, BinaryCrossEntropyWithLogits,
                      NegativeLogProbability, SoftmaxCrossEntropy)
@@ -30,4 +31,5 @@ __all__ = [
     "CheckpointError", "KernelCompileError", "TrainingDiverged", "__version__",
     "FocalLoss", "DiceLoss",
     "ops", "ContentLoss", "StyleLoss",
+    "save_safetensors", "load_safetensors", "export_onnx", "from_dlpack",
 ]
