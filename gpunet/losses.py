@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import FLOAT_DTYPES, Array, Backend, device_of, is_device_array
+from .backends import FLOAT_DTYPES, Array, Backend, device_name, device_of, is_device_array
 from .backends.base import Pending
 from .errors import DeviceError, DTypeError, ShapeError, StateError
 
@@ -127,7 +127,7 @@ class Loss:
             raise DTypeError(f"{self.name}: expected the target to be an array, "
                              f"got {type(target).__name__}")
         if not ops.owns(target):
-            where = f"cuda:{target.device.id}" if is_device_array(target) else "cpu"
+            where = device_name(target)
             raise DeviceError(f"{self.name}: expected the target on device {ops.name} "
                               f"(the prediction's), got an array on {where}")
         if target.dtype.kind not in "biuf":
@@ -582,9 +582,6 @@ PAIRWISE_EPS = 1e-6
 COSINE_EPS = float(np.float32(1e-12))
 
 
-def _device_name(a: Any) -> str:
-    return f"cuda:{a.device.id}" if is_device_array(a) else "cpu"
-
 
 def _distance(ops: Backend, diff: Array, distance: str) -> tuple[Array, Array]:
     """``d`` over the last axis of ``diff = a - b`` and ``dd/ddiff``: ``||diff||^2``
@@ -625,7 +622,7 @@ class _VectorLoss(Loss):
         for x, what in zip(xs[1:], names[1:]):
             if not ops.owns(x):
                 raise DeviceError(f"{self.name}: expected {what} on device {ops.name} (the "
-                                  f"{names[0]}'s), got an array on {_device_name(x)}")
+                                  f"{names[0]}'s), got an array on {device_name(x)}")
             if x.dtype != first.dtype:
                 raise DTypeError(f"{self.name}: expected {what} of dtype {first.dtype} (the "
                                  f"{names[0]}'s), got {x.dtype}")

@@ -13,12 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import Array, Backend, device_of, is_device_array, to_numpy
+from .backends import Array, Backend, device_name, device_of, is_device_array, to_numpy
 from .errors import DeviceError, DTypeError, ShapeError
 
-
-def _where(a: Array) -> str:
-    return f"cuda:{a.device.id}" if is_device_array(a) else "cpu"
 
 
 def _device(fn: str, **arrays: Any) -> Backend:
@@ -32,9 +29,9 @@ def _device(fn: str, **arrays: Any) -> Backend:
             raise DTypeError(f"{fn}: expected {name} of a real numeric dtype, got {a.dtype}")
         if first is None:
             first = (name, a)
-        elif _where(a) != _where(first[1]):
+        elif device_name(a) != device_name(first[1]):
             raise DeviceError(f"{fn}: expected {name} on the device of {first[0]} "
-                              f"({_where(first[1])}), got an array on {_where(a)}")
+                              f"({device_name(first[1])}), got an array on {device_name(a)}")
     return device_of(first[1])
 
 

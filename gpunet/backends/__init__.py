@@ -25,7 +25,7 @@ from .emulated import EmulatedBackend
 from .kernel_ops import KernelOps
 
 __all__ = ["Array", "FLOAT_DTYPES", "Backend", "CpuBackend", "CudaBackend", "EmulatedBackend",
-           "KernelOps", "asarray", "available_devices", "device_of", "get_device",
+           "KernelOps", "asarray", "available_devices", "device_name", "device_of", "get_device",
            "is_device_array", "to_numpy"]
 
 
@@ -33,9 +33,14 @@ __all__ = ["Array", "FLOAT_DTYPES", "Backend", "CpuBackend", "CudaBackend", "Emu
 _devices: dict[str, Backend] = {}
 
 
+def device_name(a: Any) -> str:
+    """The name of the device an array lives on, for messages: ``"cuda:N"`` or ``"cpu"``."""
+    return f"cuda:{a.device.id}" if is_device_array(a) else "cpu"
+
+
 def device_of(a: Any) -> Backend:
     """The device an array lives on."""
-    return get_device(f"cuda:{a.device.id}" if is_device_array(a) else "cpu")
+    return get_device(device_name(a))
 
 
 def asarray(a: Any, device: str | Backend = "cpu", dtype: Any = None) -> Array:

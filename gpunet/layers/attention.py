@@ -30,9 +30,9 @@ import numpy as np
 
 from .. import init as initializers
 from .. import rng
-from ..backends import Array, Backend, is_device_array, to_numpy
+from ..backends import Array, Backend, device_name, is_device_array, to_numpy
 from ..errors import DTypeError, DeviceError, ShapeError
-from .base import Layer, _where
+from .base import Layer
 from .dense import Dense
 
 
@@ -57,7 +57,7 @@ def _ignored(layer: Layer, mask: Any, causal: bool, batch: int, queries: int,
                          f"got {type(mask).__name__}")
     if not ops.owns(mask):
         raise DeviceError(f"{layer.name}: expected key_padding_mask on device {ops.name}, "
-                          f"got an array on {_where(mask)}")
+                          f"got an array on {device_name(mask)}")
     if mask.dtype != np.bool_:
         raise DTypeError(f"{layer.name}: expected key_padding_mask of dtype bool "
                          f"(True = ignore that key), got {mask.dtype}")

@@ -15,8 +15,8 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from ..backends import (FLOAT_DTYPES, Array, Backend, device_of, get_device, is_device_array,
-                        to_numpy)
+from ..backends import (FLOAT_DTYPES, Array, Backend, device_name, device_of, get_device,
+                        is_device_array, to_numpy)
 from ..backends.base import on_device
 from ..errors import DTypeError, DeviceError, ShapeError, StateError
 from .args import checked_init
@@ -109,9 +109,6 @@ class IncompatibleKeys(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
 
-
-def _where(a: Any) -> str:
-    return f"cuda:{a.device.id}" if is_device_array(a) else "cpu"
 
 
 class Layer:
@@ -293,7 +290,7 @@ class Layer:
                 or not layer.ops.owns(param.data):
             raise ValueError(f"{self.name}.share: parameter {name!r} is {old.shape} "
                              f"{old.data.dtype} on {layer.ops.name}, got {param.shape} "
-                             f"{param.data.dtype} on {_where(param.data)}")
+                             f"{param.data.dtype} on {device_name(param.data)}")
         layer._params[leaf] = param
         for attr, value in list(layer.__dict__.items()):  # the layer's own handle (self.weight)
             if value is old:
@@ -542,7 +539,7 @@ class Layer:
             raise DTypeError(f"{self.name}: expected {what} to be an array, got {type(x).__name__}")
         if not self.ops.owns(x):
             raise DeviceError(f"{self.name}: expected {what} on device {self.ops.name}, "
-                              f"got an array on {_where(x)}")
+                              f"got an array on {device_name(x)}")
         if x.dtype not in FLOAT_DTYPES or (self._params and x.dtype != self.dtype):
             want = self.dtype if self._params else "float32 or float64"
             raise DTypeError(f"{self.name}: expected {what} of dtype {want}, got {x.dtype}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import rng
-from ..backends import is_device_array
+from ..backends import device_name, is_device_array
 from ..backends.base import Pending
 from ..errors import DTypeError, DeviceError, ShapeError
 from .base import Layer
@@ -68,7 +68,7 @@ class Embedding(Layer):
             raise DTypeError(f"{self.name}: expected an integer array of indices, "
                              f"got {type(indices).__name__}")
         if not self.ops.owns(indices):
-            where = f"cuda:{indices.device.id}" if is_device_array(indices) else "cpu"
+            where = device_name(indices)
             raise DeviceError(f"{self.name}: expected indices on device {self.ops.name}, "
                               f"got an array on {where}")
         if indices.dtype.kind not in "iu":
