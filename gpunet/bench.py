@@ -1,15 +1,28 @@
-"""Training-step benchmarks of gpunet against PyTorch, measured side by side in one run.
+"""Training-step benchmarks of gpunet against PyTorch, each framework measured as users run it.
 
 Each workload builds the same model in gpunet and, when PyTorch is installed, in PyTorch, with
 the same float32 data. One training step is forward, backward and an SGD-with-momentum update;
-inference is one forward pass in eval mode. After warm-up the two frameworks alternate step by
-step, so drifts of the machine (clock, other load) hit both alike. Peak memory is measured in a
-fresh subprocess per framework and workload: on the CPU, the peak resident set during training
-steps over the process's size before the model was built (Linux only); on a GPU, device memory:
-for gpunet the bytes CuPy's memory pool holds after the steps (its free blocks released after a
-first step, so what it holds is what the steps needed at most), for PyTorch
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (its caching allocator's
-``max_memory_reserved``, the pool's counterpart, is recorded too).
+inference is one forward pass in eval mode.
+
+By default (``--isolate``) each framework runs alone in a fresh Python process, as a user runs
+it: for each workload there are R rounds (``--rounds``, default 3); in each round gpunet and
+PyTorch each get a new process that builds the model, runs 5 warm-up steps, times ``--steps``
+training steps and inference passes and reports their median, min and max. The frameworks take
+turns going first (gpunet in round 1, PyTorch in round 2, ...), so drifts of the machine hit
+both alike. Each round's training ratio (gpunet median / PyTorch median) is reported, and the
+median of those ratios is the result. No thread-pool settings are changed: each library runs
+with its defaults, unless ``--threads`` says otherwise. ``--in-process`` keeps the older mode:
+both frameworks in this one process, alternating step by step, with the command re-run under
+OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 (unless set) so that the idle
+framework's threads sleep instead of spinning on the cores of the one being timed, an artefact
+of two thread pools in one process that a user running one framework never meets.
+
+Peak memory is measured in a fresh subprocess per framework and workload: on the CPU, the peak
+resident set during training steps over the process's size before the model was built (Linux
+only); on a GPU, device memory: for gpunet the bytes CuPy's memory pool holds after the steps
+(its free blocks released after a first step, so what it holds is what the steps needed at
+most), for PyTorch ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (its
+caching allocator's ``max_memory_reserved``, the pool's counterpart, is recorded too).
 
 On a GPU (``--device cuda`` or ``cuda:N``) PyTorch runs on the same GPU,
 ``torch.device("cuda", N)``, with its defaults (cuDNN enabled, ``cudnn.benchmark`` off), and
@@ -18,22 +31,35 @@ GPU work too. A PyTorch without CUDA is left out, with the reason in the results
 
 The scaling sweep (``--sweep``, implied by ``--plot``) times training steps of the same
 workloads at other shapes: the LSTM over sequence length and over batch size, the conv workload
-(``bn``) over batch size, with fewer steps (``--sweep-steps``). ``--plot FILE.png`` draws the
-gpunet/PyTorch ratios and the sweep; it needs matplotlib (``pip install "gpunet[bench]"``).
+(``bn``) over batch size, with fewer steps (``--sweep-steps``); both frameworks share one
+process there, alternating step by step (in isolate mode one child process with the idle
+threads asleep). ``--plot FILE.png`` draws the gpunet/PyTorch ratios and the sweep; it needs
+matplotlib (``pip install "gpunet[bench]"``).
 
 ``--threads N`` limits both frameworks to N threads: PyTorch through ``torch.set_num_threads``,
 gpunet's BLAS (OpenBLAS, OpenMP or MKL under NumPy) and its CPU device's element-wise threads
-by re-running the command with OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and
-GPUNET_NUM_THREADS set to N, since they are read only at start-up. Without it each library uses its own default. On the CPU the command
-also re-runs with OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 unless they are set:
-idle threads then sleep, so the framework not being timed does not spin on the cores of the
-one being timed (an artefact of two thread pools in one process, which a user running one
-framework never meets).
+through OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and GPUNET_NUM_THREADS set to N,
+since they are read only at start-up: in the child processes' environment in isolate mode, by
+re-running the command in-process. Without it each library uses its own default.
+
+``--busy N`` keeps N other processes spinning (``while True: pass``) while the frameworks are
+timed, to measure a machine on which another program holds a core; they are stopped after, on
+errors too. ``--isa avx2`` (isolate mode only) caps both frameworks' CPU kernels at AVX2 through
+OPENBLAS_CORETYPE=Haswell, ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
+MKL_ENABLE_INSTRUCTIONS=AVX2 in the children's environment: on an AVX-512 machine an
+approximation of an AVX2-only CPU, not one (caches, clocks and core counts stay the machine's).
+
+The machine is recorded with the results: CPU model, vendor, family and model, its ISA flags
+that matter here, cache sizes, the CPUs this process may use, the load average at start, the
+BLAS each framework's process loaded and its core type (threadpoolctl, when installed),
+PyTorch's CPU capability and parallel set-up, and the variables that steer them.
 
 Run it as ``gpunet bench`` or ``python scripts/bench.py``.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import platform
@@ -43,7 +69,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -300,15 +326,22 @@ def torch_skipped(torch: Any, device: str, standin: bool = False) -> str | None:
     return None
 
 
+def _refuse_standin(device: str, allow_standin: bool) -> bool:
+    """Whether ``device`` is the CuPy stand-in; a DeviceError when it is and not
+    ``allow_standin``."""
+    standin = _is_standin(device)
+    if standin and not allow_standin:
+        raise gpunet.DeviceError(f"gpunet bench: {gpunet.device(device).label} is the test "
+                                 "suite's CuPy stand-in, not a GPU: its timings mean nothing")
+    return standin
+
+
 def _runners(w: Workload, device: str, threads: int | None,
              allow_standin: bool = False) -> tuple[dict[str, Any], str | None]:
     """The frameworks to time on ``device`` and, when PyTorch is left out, why. The CuPy
     stand-in is refused unless ``allow_standin`` (``scripts/gpu_check.py --stand-in``, which
     runs the benchmark end to end before a GPU is seen and labels every figure)."""
-    standin = _is_standin(device)
-    if standin and not allow_standin:
-        raise gpunet.DeviceError(f"gpunet bench: {gpunet.device(device).label} is the test "
-                                 "suite's CuPy stand-in, not a GPU: its timings mean nothing")
+    standin = _refuse_standin(device, allow_standin)
     torch = _import_torch()
     runners: dict[str, Any] = {"gpunet": _GpunetRunner(w, device)}
     skipped = torch_skipped(torch, device, standin)
@@ -370,21 +403,26 @@ def measure(name: str, device: str = "cpu", steps: int = 30, warmup: int = 5,
                                  / result["torch"]["train"]["median_ms"])
         result["ratio_infer"] = (result["gpunet"]["infer"]["median_ms"]
                                  / result["torch"]["infer"]["median_ms"])
-        result["ratio_memory"] = result["gpunet"]["peak_mb"] / max(result["torch"]["peak_mb"], 1e-9)
-        if "reserved_peak_mb" in result["torch"]:  # a GPU: pool held against pool held
-            result["ratio_memory_reserved"] = (result["gpunet"]["peak_mb"]
-                                               / max(result["torch"]["reserved_peak_mb"], 1e-9))
+        _memory_ratios(result)
     return result
 
 
+def _memory_ratios(result: dict[str, Any]) -> None:
+    result["ratio_memory"] = result["gpunet"]["peak_mb"] / max(result["torch"]["peak_mb"], 1e-9)
+    if "reserved_peak_mb" in result["torch"]:  # a GPU: pool held against pool held
+        result["ratio_memory_reserved"] = (result["gpunet"]["peak_mb"]
+                                           / max(result["torch"]["reserved_peak_mb"], 1e-9))
+
+
 def sweep(device: str = "cpu", steps: int = 5, warmup: int = 2,
-          threads: int | None = None, *, allow_standin: bool = False) -> list[dict[str, Any]]:
-    """Training-step time of both frameworks at every size of every sweep in ``SWEEPS``: one
-    row per size, with the stats of ``steps`` alternating training steps after ``warmup``
-    untimed ones (no inference, no peak memory), and gpunet/PyTorch median ratio when PyTorch
-    is installed."""
+          threads: int | None = None, *, allow_standin: bool = False,
+          sweeps: Mapping[str, Sweep] | None = None) -> list[dict[str, Any]]:
+    """Training-step time of both frameworks at every size of every sweep in ``sweeps``
+    (default ``SWEEPS``): one row per size, with the stats of ``steps`` alternating training
+    steps after ``warmup`` untimed ones (no inference, no peak memory), and gpunet/PyTorch
+    median ratio when PyTorch is installed."""
     rows = []
-    for label, s in SWEEPS.items():
+    for label, s in (SWEEPS if sweeps is None else sweeps).items():
         for size in s.sizes:
             w = workload(s.workload, **{s.param: size})
             runners, skipped = _runners(w, device, threads, allow_standin)
@@ -474,33 +512,324 @@ def _peak_child(name: str, framework: str, device: str, batch: int | None = None
 
 
 def peak_memory(name: str, framework: str, device: str, batch: int | None = None,
-                seq: int | None = None) -> dict[str, float]:
-    """Peak memory growth of training steps, measured in a subprocess: ``{"peak_mb": MiB}``,
-    resident memory on the CPU, device memory on a GPU (see :func:`peak_method`), where
-    PyTorch adds ``reserved_peak_mb`` and gpunet ``pool_used_after_mb``."""
+                seq: int | None = None, *, env: Mapping[str, str] | None = None
+                ) -> dict[str, float]:
+    """Peak memory growth of training steps, measured in a subprocess (with environment
+    ``env``, default this process's): ``{"peak_mb": MiB}``, resident memory on the CPU,
+    device memory on a GPU (see :func:`peak_method`), where PyTorch adds ``reserved_peak_mb``
+    and gpunet ``pool_used_after_mb``."""
     code = (f"from gpunet.bench import _peak_child; "
             f"_peak_child({name!r}, {framework!r}, {device!r}, {batch!r}, {seq!r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=None if env is None else dict(env))
     if out.returncode != 0:
         raise RuntimeError(f"gpunet bench: measuring the peak memory of {framework} on {name} "
                            f"failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def environment(device: str = "cpu") -> dict[str, Any]:
-    """The machine, the versions, the command line and the frameworks' thread settings; on a
-    GPU also the GPU, CuPy, the CUDA runtime and driver, and PyTorch's CUDA and cuDNN."""
+# -- isolate mode: each framework alone in a fresh process, as users run it -----------------
+
+#: What ``--isa`` sets in the children's environment: each library's own cap on its kernels.
+ISA_VARS: dict[str, dict[str, str]] = {
+    "avx2": {"OPENBLAS_CORETYPE": "Haswell",      # NumPy's OpenBLAS (a DYNAMIC_ARCH build)
+             "ATEN_CPU_CAPABILITY": "avx2",       # PyTorch's ATen kernels
+             "ONEDNN_MAX_CPU_ISA": "AVX2",        # oneDNN (PyTorch's convolutions)
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},  # MKL (PyTorch's GEMMs on x86)
+}
+#: How results measured under ``--isa`` are labelled.
+ISA_LABELS = {"avx2": "AVX2 kernels forced on an AVX-512 machine (an approximation of an "
+                      "AVX2-only CPU, not one)"}
+
+
+def child_environment(threads: int | None = None, isa: str | None = None,
+                      environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of isolate mode's child processes: ``environ`` (default this
+    process's) with the thread counts of :data:`_THREAD_VARS` set to ``threads`` when given
+    and the kernel caps of ``ISA_VARS[isa]`` when ``isa`` is given. The idle-thread policy is
+    left as the caller has it: one framework per process, as users run them."""
+    env = dict(os.environ if environ is None else environ)
+    if threads is not None:
+        env.update(dict.fromkeys(_THREAD_VARS, str(threads)))
+    if isa is not None:
+        env.update(ISA_VARS[isa])
+    return env
+
+
+def round_orders(frameworks: Sequence[str], rounds: int) -> list[list[str]]:
+    """The order in which ``frameworks`` run in each of ``rounds`` rounds: as given in the
+    first round, reversed in the second, as given in the third, and so on."""
+    return [list(frameworks) if i % 2 == 0 else list(reversed(frameworks))
+            for i in range(rounds)]
+
+
+_POOL_KEYS = ("user_api", "internal_api", "version", "architecture", "num_threads",
+              "threading_layer", "prefix")
+
+
+def runtime_info(torch: Any = None) -> dict[str, Any]:
+    """What this process computes with: the BLAS and OpenMP libraries it has loaded as
+    threadpoolctl sees them (``threadpools``; None without threadpoolctl) and, given
+    ``torch``, PyTorch's CPU capability, number of threads and the first lines of its
+    parallel set-up."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        pools = None
+    else:
+        pools = [{k: p.get(k) for k in _POOL_KEYS} for p in threadpool_info()]
+    info: dict[str, Any] = {"threadpools": pools}
+    if torch is not None:
+        cpu = getattr(torch.backends, "cpu", None)
+        info["torch_cpu_capability"] = (cpu.get_cpu_capability()
+                                        if hasattr(cpu, "get_cpu_capability") else None)
+        lines = [line.strip() for line in torch.__config__.parallel_info().splitlines()]
+        info["torch_parallel_info"] = [line for line in lines if line][:4]
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def _time_child(name: str, framework: str, device: str, steps: int, warmup: int,
+                threads: int | None, batch: int | None = None, seq: int | None = None) -> None:
+    """In a fresh process: ``warmup`` untimed, then ``steps`` timed training steps and
+    inference passes of ``framework`` alone on workload ``name``; prints their stats and
+    :func:`runtime_info` as one line of JSON."""
+    w = WORKLOADS[name] if batch is None and seq is None else workload(name, batch, seq)
+    torch = None
+    if framework == "torch":
+        torch = _import_torch()
+        if threads:
+            torch.set_num_threads(threads)
+        runner: Any = _TorchRunner(w, device, torch)
+    else:
+        runner = _GpunetRunner(w, device)
+    times = _alternate({framework: runner}, steps, warmup, ("train_step", "infer"))[framework]
+    print(json.dumps({"train": _stats(times["train_step"]), "infer": _stats(times["infer"]),
+                      "runtime": runtime_info(torch)}))
+
+
+def _child(code: str, env: Mapping[str, str], what: str) -> Any:
+    """The last line of what ``python -c code`` prints, read as JSON."""
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env), capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"gpunet bench: {what} failed in its child process:\n"
+                           f"{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _pooled(stats: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Rounds' stats as one: the median of their medians, the least minimum, the most
+    maximum."""
+    return {"median_ms": statistics.median(s["median_ms"] for s in stats),
+            "min_ms": min(s["min_ms"] for s in stats), "max_ms": max(s["max_ms"] for s in stats)}
+
+
+def measure_isolated(name: str, device: str = "cpu", steps: int = 30, warmup: int = 5,
+                     threads: int | None = None, rounds: int = 3, isa: str | None = None, *,
+                     batch: int | None = None, seq: int | None = None,
+                     allow_standin: bool = False) -> dict[str, Any]:
+    """Time workload ``name`` as users run it: in each of ``rounds`` rounds every framework
+    runs in a fresh process (environment :func:`child_environment`), which builds the model
+    and times ``steps`` training steps and inference passes after ``warmup`` untimed ones;
+    the order alternates between rounds (:func:`round_orders`). The result has what
+    :func:`measure` gives, with ``rounds`` (each round's order, per-framework stats and
+    ratios), ``ratios_train``/``ratios_infer`` (per round) and ``ratio_train``/``ratio_infer``
+    their medians; a framework's ``train``/``infer`` stats are the rounds' pooled
+    (:func:`_pooled`), and ``runtime`` is what its first child computed with."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    w = WORKLOADS[name] if batch is None and seq is None else workload(name, batch, seq)
+    standin = _refuse_standin(device, allow_standin)
+    skipped = torch_skipped(_import_torch(), device, standin)
+    frameworks = ["gpunet"] if skipped else ["gpunet", "torch"]
+    env = child_environment(threads, isa)
+    result: dict[str, Any] = {"workload": name, "description": w.description, "device": device,
+                              "mode": "isolate", "steps": steps, "warmup": warmup}
+    if standin:
+        result.update(standin=True, label=STANDIN_LABEL)
+    if skipped:
+        result["torch_skipped"] = skipped
+    if isa is not None:
+        result.update(isa=isa, isa_label=ISA_LABELS[isa])
+    per_round: list[dict[str, Any]] = []
+    runtime: dict[str, Any] = {}
+    for i, order in enumerate(round_orders(frameworks, rounds), 1):
+        r: dict[str, Any] = {"round": i, "order": order}
+        for k in order:
+            code = (f"from gpunet.bench import _time_child; _time_child({name!r}, {k!r}, "
+                    f"{device!r}, {steps!r}, {warmup!r}, {threads!r}, {batch!r}, {seq!r})")
+            r[k] = _child(code, env, f"timing {k} on {name} (round {i})")
+            runtime.setdefault(k, r[k].pop("runtime"))
+            r[k].pop("runtime", None)
+        if "torch" in r:
+            r["ratio_train"] = r["gpunet"]["train"]["median_ms"] / r["torch"]["train"]["median_ms"]
+            r["ratio_infer"] = r["gpunet"]["infer"]["median_ms"] / r["torch"]["infer"]["median_ms"]
+        per_round.append(r)
+    result["rounds"] = per_round
+    result["runtime"] = runtime
+    shapes = {} if batch is None and seq is None else {"batch": batch, "seq": seq}
+    for k in frameworks:
+        result[k] = {"train": _pooled([r[k]["train"] for r in per_round]),
+                     "infer": _pooled([r[k]["infer"] for r in per_round]),
+                     **peak_memory(name, k, device, **shapes, env=env),
+                     "peak_method": peak_method(k, device)}
+    if "torch" in frameworks:
+        for phase in ("train", "infer"):
+            ratios = [r[f"ratio_{phase}"] for r in per_round]
+            result[f"ratios_{phase}"] = ratios
+            result[f"ratio_{phase}"] = statistics.median(ratios)
+        _memory_ratios(result)
+    return result
+
+
+def _sweep_child(device: str, steps: int, threads: int | None, sweeps_json: str) -> None:
+    """In a child process: :func:`sweep` of the sweeps in ``sweeps_json``, printed as JSON."""
+    sweeps = {label: Sweep(workload_, param, tuple(sizes), title)
+              for label, (workload_, param, sizes, title) in json.loads(sweeps_json).items()}
+    print(json.dumps(sweep(device, steps, threads=threads, sweeps=sweeps)))
+
+
+def sweep_isolated(device: str = "cpu", steps: int = 5, threads: int | None = None,
+                   isa: str | None = None) -> list[dict[str, Any]]:
+    """:func:`sweep` of ``SWEEPS`` run in one child process with isolate mode's environment
+    (:func:`child_environment`), both frameworks sharing it as in ``--in-process``, so with
+    :data:`_IDLE_VARS` where the caller has not set them."""
+    env = {**_IDLE_VARS, **child_environment(threads, isa)}
+    sweeps_json = json.dumps({label: [s.workload, s.param, list(s.sizes), s.title]
+                              for label, s in SWEEPS.items()})
+    code = (f"from gpunet.bench import _sweep_child; "
+            f"_sweep_child({device!r}, {steps!r}, {threads!r}, {sweeps_json!r})")
+    return _child(code, env, "the sweep")
+
+
+@contextlib.contextmanager
+def busy_neighbours(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` other processes spinning (``while True: pass``) for the duration of the
+    ``with`` block, each holding a core as another program would; killed and reaped after,
+    on errors and interruptions too."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+# -- the machine ----------------------------------------------------------------------------
+
+#: The CPU flags that matter to the kernels of either framework, recorded when present.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile")
+#: The variables that steer the libraries' kernels and threads, recorded with the results.
+RECORDED_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                 "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GPUNET_NUM_THREADS",
+                 "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                 "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+
+
+def _caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, str]:
+    """cpu0's caches from sysfs: ``{"L1d": "48K", "L1i": "32K", "L2": "2048K", ...}``."""
+    caches = {}
+    for index in sorted(glob.glob(os.path.join(root, "index*"))):
+        try:
+            level, kind, size = (open(os.path.join(index, f)).read().strip()
+                                 for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches[f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")] = size
+    return caches
+
+
+def cpu_record() -> dict[str, Any]:
+    """The CPU: model name, vendor, family and model number (from the first processor of
+    /proc/cpuinfo), which of :data:`ISA_FLAGS` it has, its caches (:func:`_caches`) and the
+    number of CPUs this process may run on."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count())
+    return {"cpu": fields.get("model name") or platform.processor(),
+            "cpu_vendor": fields.get("vendor_id"), "cpu_family": fields.get("cpu family"),
+            "cpu_model": fields.get("model"), "cpu_flags": [f for f in ISA_FLAGS if f in flags],
+            "caches": _caches(), "cpus_usable": usable}
+
+
+def loadavg() -> str | None:
+    """The 1, 5 and 15-minute load averages from /proc/loadavg, None where there is none."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
+
+
+def machine_summary(env: Mapping[str, Any]) -> str:
+    """One line of ``environment()``: CPU, flags, L2/L3, usable CPUs, load and the BLAS."""
+    caches = env.get("caches") or {}
+    blas = env.get("blas") or {}
+    parts = [f"{env['cpu']} ({env.get('cpu_vendor')} family {env.get('cpu_family')} model "
+             f"{env.get('cpu_model')})", " ".join(env.get("cpu_flags") or ["no x86 flags"]),
+             f"L2 {caches.get('L2', '?')}, L3 {caches.get('L3', '?')}",
+             f"{env.get('cpus_usable')} usable cpus, load {env.get('loadavg')} at start",
+             (f"BLAS {blas.get('internal_api')} {blas.get('version')} core "
+              f"{blas.get('architecture')}" if blas else "BLAS unknown (no threadpoolctl)")]
+    if env.get("torch_cpu_capability"):
+        parts.append(f"torch CPU {env['torch_cpu_capability']}")
+    return ", ".join(parts)
+
+
+def environment(device: str = "cpu", *, runtime: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None,
+                load: str | None = None) -> dict[str, Any]:
+    """The machine (:func:`cpu_record`, the load average ``load`` at start, read now when not
+    given), the versions, the command line, the frameworks' thread settings and the variables
+    of :data:`RECORDED_VARS` as ``environ`` has them (default this process's environment; in
+    isolate mode the children's), and what each framework computed with: ``runtime``
+    (``{"gpunet": runtime_info(), "torch": runtime_info(torch)}`` as the child processes
+    reported it; measured in this process when not given), of which ``blas`` is the BLAS
+    gpunet's NumPy loaded, with its core type. On a GPU also the GPU, CuPy, the CUDA runtime
+    and driver, and PyTorch's CUDA and cuDNN."""
     torch = _import_torch()
+    environ = os.environ if environ is None else environ
+    if runtime is None:
+        runtime = {"gpunet": runtime_info()}
+        if torch is not None:
+            runtime["torch"] = runtime_info(torch)
+    gpunet_pools = runtime.get("gpunet", {}).get("threadpools") or []
+    torch_runtime = runtime.get("torch", {})
     env = {"date": str(date.today()), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "cpu": _cpu_name(), "python": platform.python_version(), "numpy": np.__version__,
+           **cpu_record(), "loadavg": loadavg() if load is None else load,
+           "python": platform.python_version(), "numpy": np.__version__,
            "gpunet": gpunet.__version__, "torch": getattr(torch, "__version__", None),
            "command": " ".join(sys.argv),
            # what --threads set for gpunet's BLAS and CPU device (None: their default)
-           "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-           "gpunet_threads": os.environ.get("GPUNET_NUM_THREADS"),
-           "idle_threads": {k: os.environ.get(k) for k in _IDLE_VARS}}
+           "blas_threads": environ.get("OPENBLAS_NUM_THREADS"),
+           "gpunet_threads": environ.get("GPUNET_NUM_THREADS"),
+           "idle_threads": {k: environ.get(k) for k in _IDLE_VARS},
+           "variables": {k: environ.get(k) for k in RECORDED_VARS},
+           "blas": next((p for p in gpunet_pools if p.get("user_api") == "blas"), None),
+           "runtime": dict(runtime)}
     if torch is not None:
-        env["torch_threads"] = torch.get_num_threads()
+        env["torch_threads"] = torch_runtime.get("torch_threads", torch.get_num_threads())
+        env["torch_cpu_capability"] = torch_runtime.get("torch_cpu_capability")
+        env["torch_parallel_info"] = torch_runtime.get("torch_parallel_info")
     index = cuda_index(device)
     if index is not None:
         dev = gpunet.device(f"cuda:{index}")
@@ -519,17 +848,6 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _spread(stats: dict[str, float]) -> str:
     return f"{stats['median_ms']:.2f} ({stats['min_ms']:.2f}-{stats['max_ms']:.2f})"
 
@@ -537,6 +855,8 @@ def _spread(stats: dict[str, float]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [f"{'workload':<8} {'gpunet train ms (min-max)':>26} {'torch train ms':>15} "
              f"{'ratio':>6} {'infer ratio':>11} {'peak MiB g/t':>14} {'mem ratio':>9}"]
+    if any("ratios_train" in r for r in results):  # isolate mode: ratio is their median
+        lines[0] += "  train ratio per round"
     if any(r.get("standin") for r in results):
         lines.insert(0, f"# {STANDIN_LABEL}")
     for r in results:
@@ -546,9 +866,12 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"{r['workload']:<8} {gt:>26} {'(no torch)':>15}  "
                          f"{r.get('torch_skipped', '')}")
             continue
-        lines.append(f"{r['workload']:<8} {gt:>26} {t['train']['median_ms']:>15.2f} "
-                     f"{r['ratio_train']:>6.2f} {r['ratio_infer']:>11.2f} "
-                     f"{g['peak_mb']:>6.1f}/{t['peak_mb']:<7.1f} {r['ratio_memory']:>9.2f}")
+        line = (f"{r['workload']:<8} {gt:>26} {t['train']['median_ms']:>15.2f} "
+                f"{r['ratio_train']:>6.2f} {r['ratio_infer']:>11.2f} "
+                f"{g['peak_mb']:>6.1f}/{t['peak_mb']:<7.1f} {r['ratio_memory']:>9.2f}")
+        if "ratios_train" in r:
+            line += "  " + " ".join(f"{x:.2f}" for x in r["ratios_train"])
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -602,7 +925,12 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[st
                  f"BLAS threads {env['blas_threads'] or 'default'}, torch threads "
                  f"{env.get('torch_threads', '-')}, idle threads "
                  f"{'passive' if env.get('idle_threads', {}).get('OMP_WAIT_POLICY') else 'default'}"
-                 f", {env['date']}", fontsize=10)
+                 + (f", isolate ({env.get('rounds')} rounds)" if env.get("mode") == "isolate"
+                    else ", in-process")
+                 + (f", busy neighbours {env['busy']}" if env.get("busy") else "")
+                 + (f", {env['isa'].upper()} KERNELS FORCED (an approximation)"
+                    if env.get("isa") else "")
+                 + f", {env['date']}", fontsize=10)
 
     ax = axes[0]
     ax.set_title("gpunet / PyTorch (lower is better for gpunet)")
@@ -698,36 +1026,71 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     p = argparse.ArgumentParser(
         prog="gpunet bench", description=__doc__.split("\n\n")[0],
-        epilog="Training step: forward, backward, SGD-with-momentum update; the frameworks "
-               "alternate step by step. Peak memory, in a fresh subprocess per framework: on "
-               "the CPU resident-set growth during training steps (Linux); on a GPU device "
-               "memory, for gpunet what CuPy's memory pool holds after the steps, for PyTorch "
-               "torch.cuda.max_memory_allocated. On a GPU PyTorch runs on the same GPU (cuda:N "
-               "is torch.device('cuda', N)) with cuDNN at its defaults, and every timed step "
-               "starts and ends with a device synchronisation. The test suite's CuPy stand-in "
-               "is refused. Without --threads each library uses its own default number of "
-               "threads. On the CPU the command re-runs itself with "
-               "OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 unless they are set, so "
-               "the idle threads of the framework not being timed sleep instead of spinning "
-               "on the cores the timed one uses. The sweep adds about a minute on an idle "
-               "2-core CPU.")
+        epilog="Training step: forward, backward, SGD-with-momentum update. By default "
+               "(--isolate) every framework runs alone in a fresh Python process per round, "
+               "with its libraries' default settings, as a user runs it: the process builds "
+               "the model, runs 5 warm-up steps and times --steps training steps and "
+               "inference passes; the frameworks take turns going first from round to round, "
+               "and the result is the median over rounds of each round's gpunet/PyTorch "
+               "ratio (every round's ratio is shown). It is the default because two "
+               "frameworks in one process share its cores and thread pools, which no user "
+               "meets; --in-process keeps that older mode (both frameworks in this process, "
+               "alternating step by step, re-run with OMP_WAIT_POLICY=PASSIVE and "
+               "OPENBLAS_THREAD_TIMEOUT=4 unless they are set, so the idle framework's "
+               "threads sleep). Peak memory, in a fresh subprocess per framework: on the CPU "
+               "resident-set growth during training steps (Linux); on a GPU device memory, "
+               "for gpunet what CuPy's memory pool holds after the steps, for PyTorch "
+               "torch.cuda.max_memory_allocated. On a GPU PyTorch runs on the same GPU "
+               "(cuda:N is torch.device('cuda', N)) with cuDNN at its defaults, and every "
+               "timed step starts and ends with a device synchronisation. The test suite's "
+               "CuPy stand-in is refused. Without --threads each library uses its own default "
+               "number of threads. The header records the machine: CPU, ISA flags, caches, "
+               "usable CPUs, load at start and the BLAS core type each child loaded. The "
+               "sweep adds about a minute on an idle 2-core CPU.")
     p.add_argument("workloads", nargs="*", help=f"default: all ({', '.join(WORKLOADS)})")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda or cuda:N (a GPU, PyTorch on the same one), "
                         "emulated or auto")
     p.add_argument("--steps", type=int, default=30, metavar="N",
-                   help="timed steps per workload after 5 warm-up steps (default 30)")
+                   help="timed steps per workload (per round and framework in isolate mode) "
+                        "after 5 warm-up steps (default 30)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--isolate", dest="in_process", action="store_false",
+                      help="the default: each framework alone in a fresh Python process per "
+                           "round, with its libraries' defaults, as users run it; the "
+                           "frameworks' order alternates between rounds")
+    mode.add_argument("--in-process", dest="in_process", action="store_true",
+                      help="the older mode: both frameworks in this process, alternating step "
+                           "by step, the command re-run with OMP_WAIT_POLICY=PASSIVE and "
+                           "OPENBLAS_THREAD_TIMEOUT=4 (unless set) so idle threads sleep")
+    p.set_defaults(in_process=False)
+    p.add_argument("--rounds", type=int, metavar="R",
+                   help="isolate mode: rounds of one fresh process per framework; the result "
+                        "is the median of the rounds' gpunet/PyTorch ratios (default 3)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="limit both frameworks to N threads: PyTorch via torch.set_num_threads, "
-                        "gpunet's BLAS and element-wise threads by re-running the command with "
-                        "OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and "
-                        "GPUNET_NUM_THREADS set to N (default: each library's own default)")
+                        "gpunet's BLAS and element-wise threads via OPENBLAS_NUM_THREADS, "
+                        "OMP_NUM_THREADS, MKL_NUM_THREADS and GPUNET_NUM_THREADS set to N in "
+                        "the child processes, with --in-process by re-running the command "
+                        "(default: each library's own default)")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="keep N other processes spinning (while True: pass) while the "
+                        "frameworks are timed, as another program holding a core would; "
+                        "stopped after (default 0)")
+    p.add_argument("--isa", choices=sorted(ISA_VARS),
+                   help="isolate mode only: cap both frameworks' CPU kernels at this ISA "
+                        "(avx2: OPENBLAS_CORETYPE=Haswell, ATEN_CPU_CAPABILITY=avx2, "
+                        "ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2 in the "
+                        "children); on an AVX-512 machine an approximation of an AVX2-only "
+                        "CPU, not one")
     p.add_argument("--json", metavar="FILE",
-                   help="write the results, the sweep (if run) and the environment as JSON")
+                   help="write the results (every round's in isolate mode), the sweep (if run) "
+                        "and the environment as JSON")
     p.add_argument("--sweep", action="store_true",
                    help="also time training steps over shapes: "
                         + "; ".join(f"{s.workload} {s.param} {', '.join(map(str, s.sizes))}"
-                                    for s in SWEEPS.values()))
+                                    for s in SWEEPS.values())
+                        + " (both frameworks in one process, alternating step by step)")
     p.add_argument("--sweep-steps", type=int, default=5, metavar="N",
                    help="timed steps per sweep size after 2 warm-up steps (default 5)")
     p.add_argument("--plot", metavar="FILE.png",
@@ -740,26 +1103,67 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown workloads {sorted(unknown)}; known: {sorted(WORKLOADS)}")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
+    if args.busy < 0:
+        p.error("--busy must be at least 0")
+    if args.in_process and args.isa:
+        p.error("--isa works only in isolate mode (the default), not with --in-process")
+    if args.in_process and args.rounds is not None:
+        p.error("--rounds works only in isolate mode (the default), not with --in-process")
+    rounds = 3 if args.rounds is None else args.rounds
+    if rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.plot:
         try:  # fail before minutes of measuring, not after
             _agg()
         except ImportError as e:
             p.error(str(e))
-    if args.device == "cpu":
+    if args.in_process and args.device == "cpu":
         _reexec(args.threads, argv)
+    load = loadavg()
     try:
-        results = [measure(n, args.device, args.steps, threads=args.threads) for n in names]
-        rows = (sweep(args.device, args.sweep_steps, threads=args.threads)
-                if args.sweep or args.plot else [])
+        with busy_neighbours(args.busy):
+            if args.in_process:
+                results = [measure(n, args.device, args.steps, threads=args.threads)
+                           for n in names]
+                rows = (sweep(args.device, args.sweep_steps, threads=args.threads)
+                        if args.sweep or args.plot else [])
+            else:
+                results = [measure_isolated(n, args.device, args.steps, threads=args.threads,
+                                            rounds=rounds, isa=args.isa) for n in names]
+                rows = (sweep_isolated(args.device, args.sweep_steps, args.threads, args.isa)
+                        if args.sweep or args.plot else [])
     except gpunet.DeviceError as e:
         print(e if str(e).startswith("gpunet bench") else f"gpunet bench: {e}", file=sys.stderr)
         return 2
-    env = environment(args.device)
+    if args.in_process:
+        env = environment(args.device, load=load)
+    else:
+        runtime = next((r["runtime"] for r in results if "runtime" in r), None)
+        env = environment(args.device, runtime=runtime, load=load,
+                          environ=child_environment(args.threads, args.isa))
+    env.update(mode="in-process" if args.in_process else "isolate", busy=args.busy,
+               isa=args.isa)
+    if not args.in_process:
+        env["rounds"] = rounds
+    if args.isa:
+        env["isa_label"] = (ISA_LABELS[args.isa] if "avx512f" in env["cpu_flags"] else
+                            f"{args.isa.upper()} kernels forced on a machine without AVX-512 "
+                            "(it changes little there)")
     gpu = (f", GPU {env['gpu']} (CuPy {env['cupy']}, torch CUDA {env.get('torch_cuda')}, "
            f"cuDNN {env.get('cudnn')})" if "gpu" in env else "")
     print(f"# {env['date']} {env['cpu']} ({env['cpus']} cpus), numpy {env['numpy']}, "
           f"torch {env['torch']}, device {args.device}{gpu}, BLAS threads "
-          f"{env['blas_threads'] or 'default'}, torch threads {env.get('torch_threads', '-')}")
+          f"{env['blas_threads'] or 'default'}, torch threads {env.get('torch_threads', '-')}, "
+          f"busy neighbours {args.busy}")
+    print(f"# machine: {machine_summary(env)}")
+    if args.in_process:
+        print("# in-process: both frameworks in this process, alternating step by step")
+    else:
+        print(f"# isolate: each framework in a fresh process per round, {rounds} rounds, order "
+              "alternating; ratio = median over rounds of gpunet/torch training medians, "
+              "train ms = median of the rounds' medians (min-max over all rounds)")
+    if args.isa:
+        print(f"# --isa {args.isa}: {env['isa_label']}")
     print(table(results))
     if rows:
         print()
