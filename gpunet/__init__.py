@@ -20,6 +20,7 @@ from .rng import seed
 from .serialize import load, save
 from .stopping import EarlyStopping
 from .trainer import Trainer
+from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "FocalLoss", "DiceLoss",
     "ops", "ContentLoss", "StyleLoss",
     "save_safetensors", "load_safetensors", "export_onnx", "from_dlpack",
+    "get_num_threads", "set_num_threads",
 ]

@@ -318,3 +318,66 @@ def test_train_lenet_on_digits_from_the_command_line(tmp_path):
     metrics = train_command(["lenet", "--data", "digits"], tmp_path)
     assert set(metrics) == {"test_accuracy", "test_loss", "epochs", "seconds", "device"}
     assert metrics["test_accuracy"] >= 0.97, metrics
+
+
+# (input shape, out channels, kernel, padding): stride 1 with at least SHIFT_MIN_CHANNELS
+# channels, which the CPU device takes as shifted GEMMs through NumPy's own BLAS
+SHIFTED_CASES = [
+    ((3, 8, 6, 5), 8, (3, 3), (1, 1)),     # "same" padding: one padded copy of dy for both
+    ((2, 9, 5, 7), 10, (3, 2), (0, 1)),
+    ((2, 8, 6, 6), 8, (5, 5), (2, 2)),
+    ((2, 16, 7, 7), 12, (3, 3), (0, 0)),   # "valid": dy padded by k - 1
+    ((2, 8, 4, 5), 9, (1, 1), (0, 0)),
+    ((2, 8, 4, 4), 8, (3, 3), (2, 2)),     # padding > (k - 1) / 2
+]
+
+
+@pytest.mark.skipif(gpunet.backends.blas.BLAS is None,
+                    reason="NumPy's BLAS has no 64-bit CBLAS symbols gpunet can call here")
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("shape, out, kernel, padding", SHIFTED_CASES)
+def test_cpu_shifted_gemms_match_the_one_gemm_convolution(shape, out, kernel, padding, dtype,
+                                                          tol, monkeypatch):
+    """Forward, dx and dweight of the shifted-GEMM path, with blocks of one sample and
+    weight-gradient blocks of a few columns, against the generic one-GEMM code; with the
+    direct BLAS calls off, the blocked im2col path gives the same."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.SHIFT_BLOCK_BYTES, cpu.DW_BLOCK_BYTES = 1, 1
+    used = []
+    monkeypatch.setattr(cpu, "_correlate", lambda *a, f=cpu._correlate: used.append(1) or f(*a))
+    reference = Backend(np, "reference")
+    x = R.normal(size=shape).astype(dtype)
+    w = R.normal(size=(out, shape[1], *kernel)).astype(dtype)
+    b = R.normal(size=out).astype(dtype)
+    y, saved = cpu.conv2d(x, w, b, (1, 1), padding)
+    y_ref, cols = reference.conv2d(x, w, b, (1, 1), padding)
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    assert y.dtype == dtype and y.flags.c_contiguous and used
+    dy = R.normal(size=y.shape).astype(dtype)
+    want = reference.backprop_conv2d(dy, cols, shape, w, (1, 1), padding)
+    for input_grad in (True, False):
+        got = cpu.backprop_conv2d(dy, saved, shape, w, (1, 1), padding, input_grad=input_grad)
+        for g, r in zip(got, want if input_grad else (None, *want[1:])):
+            if r is None:
+                assert g is None
+            else:
+                np.testing.assert_allclose(g, r, rtol=tol, atol=tol * 10)
+    monkeypatch.setattr(gpunet.backends.blas, "BLAS", None)
+    used.clear()
+    y2, _ = cpu.conv2d(x, w, b, (1, 1), padding)
+    got = cpu.backprop_conv2d(dy, saved, shape, w, (1, 1), padding)
+    assert not used
+    np.testing.assert_allclose(y2, y_ref, rtol=tol, atol=tol)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * 10)
+
+
+def test_few_channels_take_the_column_path():
+    """Under SHIFT_MIN_CHANNELS input channels (LeNet, an RGB image) a shifted GEMM would
+    multiply by a matrix of a few columns: those convolutions keep the column matrix."""
+    cpu = CpuBackend(np, "cpu-test")
+    x = R.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert not cpu._shifts(x, (1, 1), 3)
+    assert not cpu._shifts(x.astype(np.float16), (1, 1), 8)
+    assert not cpu._shifts(x, (2, 2), 8)
+    assert cpu._shifts(x, (1, 1), 8) == (gpunet.backends.blas.BLAS is not None)

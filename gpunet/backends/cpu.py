@@ -1,7 +1,10 @@
-"""The ``cpu`` device: NumPy on the host, with convolutions blocked over samples and the
-element-wise work of the big layers split over a thread pool."""
+"""The ``cpu`` device: NumPy on the host; convolutions blocked over samples (shifted GEMMs
+through NumPy's own BLAS from 8 channels on), the blocks and the element-wise work of the big
+layers split over a thread pool, and float32 element-wise formulas in compiled loops
+(:mod:`.native`) where a C++ compiler is found."""
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -9,19 +12,53 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import DeviceError
+from . import blas, native
 from .base import Array, Backend
 
 
 def _cpu_threads() -> int:
-    """Threads for the CPU device's element-wise work: ``$GPUNET_NUM_THREADS``, else the CPUs
-    this process may run on."""
-    value = os.environ.get("GPUNET_NUM_THREADS", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise DeviceError(f"GPUNET_NUM_THREADS must be a positive integer, got {value!r}")
-        return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The most threads for the CPU device's element-wise work: ``$GPUNET_NUM_THREADS``, else
+    the CPUs this process may run on (:exc:`DeviceError` if the variable is not a positive
+    integer). The count used at each call is :func:`gpunet.threads.current`."""
+    from .. import threads
+    return threads.env_maximum()
+
+
+def _keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing
+    them back to the system. By default a block of a few MiB is mapped afresh at each
+    allocation and page-faulted in at first touch, 4 KiB at a time: 38 MiB a step for the bn
+    workload (9,700 faults), about a tenth of its step. ``M_MMAP_THRESHOLD`` goes to 32 MiB
+    (glibc's most) and ``M_TRIM_THRESHOLD`` to 256 MiB, as PyTorch's CPU allocator keeps
+    memory for reuse too; peak memory is unchanged. ``GPUNET_MALLOC=default`` leaves glibc
+    as it is; other C libraries are left alone."""
+    if os.environ.get("GPUNET_MALLOC", "").strip().lower() == "default":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
+def _l2_cache_bytes(default: int = 1 << 20) -> int:
+    """The size of one core's level-2 cache, read from sysfs (Linux), else ``default``."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(root)):
+            with open(f"{root}/{index}/level") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(f"{root}/{index}/size") as f:
+                size = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+            return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return default
 
 
 class CpuBackend(Backend):
@@ -42,7 +79,14 @@ class CpuBackend(Backend):
     the kernel flipped and its channel axes swapped), so it takes the same path where that is
     cheaper than a gather (not where it would pad a few output channels widely, as LeNet's
     second convolution); the gather adds contiguous runs back (:meth:`_uncolumns`) with stride
-    1, and is col2im with other strides.
+    1, and is col2im with other strides. From :attr:`SHIFT_MIN_CHANNELS` channels on, stride-1
+    convolutions take no column matrix for forward and dx (see "shifted GEMMs" below).
+
+    Blocks of samples are shared among the pool's threads, each running its GEMMs on one BLAS
+    thread (:meth:`_over_samples`). Element-wise float32 formulas (ReLU, BatchNorm, the LSTM
+    cell, the convolutions' layout copies) run as compiled loops, one pass each
+    (``kernels/cpu.cpp``); float64, and machines without a compiler, run the NumPy code, which
+    is the reference the other devices are tested against.
     """
 
     #: the size of one block's column matrix
@@ -52,20 +96,30 @@ class CpuBackend(Backend):
 
     def __init__(self, xp: Any = np, name: str = "cpu") -> None:
         super().__init__(xp, name)
+        _keep_freed_memory()
+        from .. import threads
         self._local = threading.local()
-        self.threads = _cpu_threads()
+        self._max_threads = _cpu_threads()
+        #: None: as many threads as :func:`gpunet.threads.current` says; an int fixes the count
+        self.threads: int | None = None
+        self._current_threads = threads.current
         self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
+        self._pool_pid = self._pool_size = 0
 
     def _parallel(self, x: Array, fn: Callable[[slice], Any]) -> list[Any]:
         """``fn`` over parts of ``x``'s leading axis, one per thread, and its results in
         order. NumPy's BLAS is threaded but its element-wise loops are not; they release the
         GIL, so the calling thread takes the first part and a pool the others. Small arrays
         (under :attr:`PARALLEL_MIN` elements), and calls made from within a part (an op
-        built on other ops), run in one part."""
-        n = x.shape[0]
+        built on other ops), run in one part. The number of parts is :attr:`threads`, or
+        the thread policy's count now (:mod:`gpunet.threads`)."""
+        return self._split(x.shape[0], x.size, fn)
+
+    def _split(self, n: int, size: int, fn: Callable[[slice], Any]) -> list[Any]:
+        """:meth:`_parallel` over ``range(n)``, for work of ``size`` elements."""
         nested = getattr(self._local, "in_part", False)
-        parts = 1 if nested or x.size < self.PARALLEL_MIN else min(self.threads, n)
+        parts = (1 if nested or size < self.PARALLEL_MIN
+                 else min(self.threads or self._current_threads(), n))
         bounds = [n * k // parts for k in range(parts + 1)]
         slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         if parts == 1:
@@ -77,48 +131,152 @@ class CpuBackend(Backend):
                 return fn(s)
             finally:
                 self._local.in_part = False
-        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no pool
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="gpunet-cpu")
+        # a forked child has no pool; set_num_threads may ask for more than the pool has
+        if self._pool is None or self._pool_pid != os.getpid() or self._pool_size < parts - 1:
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.shutdown(wait=False)
+            self._pool_size = max(parts, self._max_threads) - 1
+            self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="gpunet-cpu")
             self._pool_pid = os.getpid()
         futures = [self._pool.submit(run, s) for s in slices[1:]]
         return [run(slices[0])] + [f.result() for f in futures]
 
+    def gemm(self, a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
+        """:meth:`Backend.gemm`, after the thread policy has set the BLAS's threads for now."""
+        self._current_threads()
+        return Backend.gemm(self, a, b, trans_a, trans_b)
+
+    #: bytes of one piece of :meth:`_in_pieces`: a quarter of the L2 cache, so that the
+    #: three or four arrays of a step fit there together
+    SLAB_BYTES = _l2_cache_bytes() // 4
+
+    def _in_pieces(self, x: Array, fn: Callable[[slice], Any]) -> list[Any]:
+        """``fn`` over pieces of ``x``'s leading axis of about :attr:`SLAB_BYTES` (one
+        sample at least), shared among threads (:meth:`_parallel`); the results in order.
+        A formula of several steps then has each step read and write a piece in cache, not
+        the whole array in main memory (BatchNorm's forward, 13.8 -> 6 ms for the bn
+        workload's (128, 32, 32, 32) tensor on one thread)."""
+        per_piece = self.SLAB_BYTES // x.itemsize
+        step = max(1, per_piece // max(1, x[0].size)) if x.ndim > 1 else per_piece
+
+        def part(s: slice) -> list[Any]:
+            return [fn(slice(i, min(i + step, s.stop))) for i in range(s.start, s.stop, step)]
+        return [r for rs in self._parallel(x, part) for r in rs]
+
+    # -- element-wise work: compiled float32 loops (.native), else NumPy piece by piece --
+    @staticmethod
+    def _nchw(x: Array) -> tuple[int, int, int]:
+        """``(N, C, HW)`` of ``(N, C)`` or ``(N, C, ...)`` data."""
+        return x.shape[0], x.shape[1], x[0, 0].size
+
+    @staticmethod
+    def _f32(*vectors: Array) -> list[Array]:
+        return [np.ascontiguousarray(v, dtype=np.float32) for v in vectors]
+
     def relu(self, x: Array) -> Array:
         y = np.empty_like(x)
-        self._parallel(x, lambda s: np.maximum(x[s], 0, out=y[s]))
+        if native.usable(x):
+            lib, flat = native.library(), x.reshape(-1)
+            self._parallel(flat, lambda s: lib.relu(x.ctypes.data, y.ctypes.data, s.start,
+                                                    s.stop))
+        else:
+            self._parallel(x, lambda s: np.maximum(x[s], 0, out=y[s]))
         return y
 
     def backprop_relu(self, dy: Array, x: Array) -> Array:
         dx = np.empty_like(dy)
-        self._parallel(x, lambda s: np.multiply(dy[s], x[s] > 0, out=dx[s]))
+        if native.usable(dy, x):
+            lib, flat = native.library(), x.reshape(-1)
+            self._parallel(flat, lambda s: lib.relu_backward(
+                dy.ctypes.data, x.ctypes.data, dx.ctypes.data, s.start, s.stop))
+        else:
+            self._in_pieces(x, lambda s: np.multiply(dy[s], x[s] > 0, out=dx[s]))
         return dx
 
+    def _channel_sums(self, fn: str, arrays: Sequence[Array], vectors: Sequence[Array],
+                      outputs: int) -> list[Array]:
+        """``outputs`` per-channel sums of compiled loop ``fn`` over samples, in double,
+        each thread's part summed, returned in float32."""
+        lib, (_, c, hw) = native.library(), self._nchw(arrays[0])
+        vectors = self._f32(*vectors)
+
+        def part(s: slice) -> list[Array]:
+            out = [np.empty(c) for _ in range(outputs)]
+            getattr(lib, fn)(*(a.ctypes.data for a in arrays), s.start, s.stop, c, hw,
+                             *(v.ctypes.data for v in vectors), *(o.ctypes.data for o in out))
+            return out
+        parts = self._parallel(arrays[0], part)
+        return [sum(p[i] for p in parts).astype(np.float32) for i in range(outputs)]
+
     def channel_sum(self, x: Array) -> Array:
+        if native.usable(x):
+            return self._channel_sums("channel_sum", [x], [], 1)[0]
         return sum(self._parallel(x, lambda s: Backend.channel_sum(self, x[s])))
 
     def channel_sq_dev(self, x: Array, mean: Array) -> Array:
-        return sum(self._parallel(x, lambda s: Backend.channel_sq_dev(self, x[s], mean)))
+        if native.usable(x):
+            return self._channel_sums("channel_sq_dev", [x], [mean], 1)[0]
+        return sum(self._in_pieces(x, lambda s: Backend.channel_sq_dev(self, x[s], mean)))
 
     def batchnorm_apply(self, x: Array, mean: Array, scale: Array, shift: Array) -> Array:
         y = np.empty_like(x)
+        if native.usable(x):
+            lib, (_, c, hw) = native.library(), self._nchw(x)
+            v = self._f32(mean, scale, shift)
+            self._parallel(x, lambda s: lib.batchnorm_apply(
+                x.ctypes.data, y.ctypes.data, s.start, s.stop, c, hw, *(a.ctypes.data for a in v)))
+            return y
+        mean, scale, shift = (self._per_channel(v, x.ndim) for v in (mean, scale, shift))
 
-        def part(s: slice) -> None:
-            y[s] = Backend.batchnorm_apply(self, x[s], mean, scale, shift)
-        self._parallel(x, part)
+        def piece(s: slice) -> None:
+            np.subtract(x[s], mean, out=y[s])
+            y[s] *= scale
+            y[s] += shift
+        self._in_pieces(x, piece)
         return y
 
     def _batchnorm_sums(self, dy: Array, x: Array, mean: Array) -> tuple[Array, Array]:
-        parts = self._parallel(x, lambda s: Backend._batchnorm_sums(self, dy[s], x[s], mean))
+        if native.usable(dy, x):
+            sum_dy, sum_dyc = self._channel_sums("batchnorm_sums", [dy, x], [mean], 2)
+            return sum_dy, sum_dyc
+        parts = self._in_pieces(x, lambda s: Backend._batchnorm_sums(self, dy[s], x[s], mean))
         return sum(a for a, _ in parts), sum(b for _, b in parts)
 
     def _batchnorm_dx(self, dy: Array, x: Array, mean: Array, k: Array, coef: Array,
                       shift: Array) -> Array:
         dx = np.empty_like(dy)
+        if native.usable(dy, x):
+            lib, (_, c, hw) = native.library(), self._nchw(x)
+            v = self._f32(mean, k, coef, shift)
+            self._parallel(x, lambda s: lib.batchnorm_dx(
+                dy.ctypes.data, x.ctypes.data, dx.ctypes.data, s.start, s.stop, c, hw,
+                *(a.ctypes.data for a in v)))
+            return dx
+        mean, k, coef, shift = (self._per_channel(v, x.ndim) for v in (mean, k, coef, shift))
 
-        def part(s: slice) -> None:
-            dx[s] = Backend._batchnorm_dx(self, dy[s], x[s], mean, k, coef, shift)
-        self._parallel(x, part)
+        def piece(s: slice) -> None:
+            np.subtract(x[s], mean, out=dx[s])
+            dx[s] *= coef
+            dx[s] += shift
+            dx[s] += dy[s] * k
+        self._in_pieces(x, piece)
         return dx
+
+    def lstm_cell_forward(self, xg: Array, hg: Array, c_prev: Array, acts: Array, c: Array,
+                          h: Array) -> None:
+        if not native.usable(xg, hg, c_prev, acts, c, h):
+            return Backend.lstm_cell_forward(self, xg, hg, c_prev, acts, c, h)
+        native.library().lstm_cell_forward(xg.ctypes.data, hg.ctypes.data, c_prev.ctypes.data,
+                                           acts.ctypes.data, c.ctypes.data, h.ctypes.data,
+                                           0, c.shape[0], c.shape[1])
+
+    def lstm_cell_backward(self, dy: Array, dh_rec: Array, dc_next: Array, acts: Array,
+                           c_prev: Array, c: Array, dz: Array, dc_prev: Array) -> None:
+        arrays = (dy, dh_rec, dc_next, acts, c_prev, c, dz, dc_prev)
+        if not native.usable(*arrays):
+            return Backend.lstm_cell_backward(self, *arrays)
+        native.library().lstm_cell_backward(*(a.ctypes.data for a in arrays), 0, c.shape[0],
+                                            c.shape[1])
 
     def _scratch(self, name: str, shape: Sequence[int], dtype: Any) -> Array:
         """A buffer of this thread's, reused from call to call: a fresh multi-megabyte array
@@ -166,17 +324,21 @@ class CpuBackend(Backend):
                padding: Sequence[int]) -> tuple[Array, Array]:
         """As :meth:`Backend.conv2d`, one GEMM per block of samples; what backward needs is
         ``x`` itself."""
-        (n, _, h, w), (o, _, kh, kw) = x.shape, weight.shape
+        (n, c, h, w), (o, _, kh, kw) = x.shape, weight.shape
         ho = (h + 2 * padding[0] - kh) // stride[0] + 1
         wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+        if self._shifts(x, stride, c):
+            return self._conv_shifted(x, weight, bias, padding), x
         w2 = weight.reshape(o, -1)
         y = np.empty((n, o, ho, wo), dtype=x.dtype)
-        for b in self._blocks(x.shape, weight, stride, padding):
+
+        def block(b: slice) -> None:
             cols, width = self._columns(x[b], (kh, kw), stride, padding)
             out = np.matmul(w2, cols, out=self._scratch("product", (o, cols.shape[1]), x.dtype))
             if bias is not None:  # while the block is in cache, not in a pass over y
                 out += bias.reshape(o, 1)
             y[b] = out.reshape(o, -1, ho, width)[..., :wo].transpose(1, 0, 2, 3)
+        self._over_blocks(self._blocks(x.shape, weight, stride, padding), block)
         return y, x
 
     def conv2d_saved(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
@@ -206,6 +368,9 @@ class CpuBackend(Backend):
                         input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
         """As :meth:`Backend.backprop_conv2d`, blocked over samples, from the saved ``x``."""
         (o, c, kh, kw), (ho, wo) = weight.shape, dy.shape[2:]
+        if self._shifts(x, stride, c) and (not input_grad or (
+                o >= self.SHIFT_MIN_CHANNELS and min(kh - 1 - padding[0], kw - 1 - padding[1]) >= 0)):
+            return self._backprop_shifted(dy, x, weight, padding, bias, input_grad)
         w2 = weight.reshape(o, -1)
         ph, pw = kh - 1 - padding[0], kw - 1 - padding[1]
         # the correlation reads an O-channel image padded by k - 1 - p; col2im writes and
@@ -215,8 +380,8 @@ class CpuBackend(Backend):
                                     <= 2 * c * ho * wo)
         gather = input_grad and not correlate
         dx = np.empty(x_shape, dtype=dy.dtype) if gather else None
-        dweight_t = np.zeros((w2.shape[1], o), dtype=w2.dtype)
-        for b in self._blocks(x_shape, weight, stride, padding):
+
+        def block(b: slice) -> Array:
             cols, width = self._columns(x[b], (kh, kw), stride, padding)
             # dy laid out as the GEMM's output was, zero in the columns forward dropped
             dy2 = self._scratch("product", (o, b.stop - b.start, ho, width), dy.dtype)
@@ -225,13 +390,15 @@ class CpuBackend(Backend):
             dy2 = dy2.reshape(o, -1)
             # dweight^T = cols dy^T: OpenBLAS runs this orientation a third faster than
             # dy cols^T (1.2 -> 0.8 ms for a 32 x 288 x 3264 block on one thread)
-            dweight_t += cols @ dy2.T
+            dweight_t = cols @ dy2.T
             if gather:  # dcols = weight^T dy, over the block's columns (no longer needed)
                 dcols = np.matmul(w2.T, dy2, out=cols)
                 shape = (b.stop - b.start, *x_shape[1:])
                 dx[b] = (self._uncolumns(dcols, shape, (kh, kw), padding)
                          if tuple(stride) == (1, 1) else
                          self.col2im(dcols, shape, (kh, kw), stride, padding))
+            return dweight_t
+        dweight_t = sum(self._over_blocks(self._blocks(x_shape, weight, stride, padding), block))
         dweight = dweight_t.T.reshape(weight.shape)
         dbias = self.conv_bias_grad(dy) if bias else None
         if correlate:
@@ -240,6 +407,176 @@ class CpuBackend(Backend):
             flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
             dx = self.conv2d(dy, flipped, None, (1, 1), (ph, pw))[0]
         return dx, dweight, dbias
+
+    # -- stride-1 convolutions as shifted GEMMs ------------------------------------------
+    # A stride-1 correlation over images padded to (Hp, Wp), laid out channel-major as
+    # xc (C, N Hp Wp), is y (O, N Hp Wp) = sum over offsets (i, j) of
+    # weight[:, :, i, j] (O, C) @ xc[:, i Wp + j:][:, :N Hp Wp]: kh kw GEMMs that read shifted
+    # windows of ONE copy of the input and sum into one output (beta = 1, through
+    # :mod:`.blas`), instead of a column matrix kh kw times the input's size. Outputs past
+    # (Ho, Wo) in each padded image are computed and dropped; the shifted windows of the last
+    # image read a tail of zeros. The input gradient is the same correlation of dy (padded by
+    # k - 1 - p) with the flipped kernel; the weight gradient still takes columns, a block
+    # of them at a time, copied from xc as kh kw contiguous runs per channel.
+
+    #: shifted GEMMs from this many channels on (C for forward and the weight gradient, O
+    #: for the input gradient): each GEMM's inner dimension is one of them
+    SHIFT_MIN_CHANNELS = 8
+    #: the samples of one block of the shifted convolution (:meth:`_over_samples`): its
+    #: channel-major copies of the input and output take at most this many bytes each, the
+    #: L2 cache's size (the bn workload's second convolution, forward and backward on 2
+    #: threads: 18.5 and 41 ms with 2 MiB blocks, 20 and 44 with 8 MiB, 33 and 77 as one
+    #: block of the whole batch)
+    SHIFT_BLOCK_BYTES = _l2_cache_bytes()
+
+    def _shifts(self, x: Array, stride: Sequence[int], channels: int) -> bool:
+        return (blas.BLAS is not None and tuple(stride) == (1, 1)
+                and channels >= self.SHIFT_MIN_CHANNELS and x.dtype in (np.float32, np.float64))
+
+    def _over_samples(self, n: int, per_sample: int, fn: Callable[[slice], Any]) -> list[Any]:
+        """``fn`` over blocks of samples (at most :attr:`SHIFT_BLOCK_BYTES` per buffer),
+        the blocks shared among threads, each thread's GEMMs on one BLAS thread; the results
+        in block order. One BLAS thread per gpunet thread: with NumPy's BLAS threading each
+        GEMM instead, its workers spin after every GEMM on the cores that the copies in
+        between need (the bn workload's transposes took 7 ms instead of 1.7 next to them).
+        Where the BLAS cannot set a thread's own count, the blocks run in turn here."""
+        step = max(1, self.SHIFT_BLOCK_BYTES // max(per_sample, 1))
+        return self._over_blocks([slice(s, min(s + step, n)) for s in range(0, n, step)], fn)
+
+    def _over_blocks(self, blocks: list[slice], fn: Callable[[slice], Any]) -> list[Any]:
+        """:meth:`_over_samples` over the given blocks."""
+        local = None if blas.BLAS is None else blas.BLAS.local_threads
+        if local is None:
+            return [fn(b) for b in blocks]
+
+        def part(s: slice) -> list[Any]:
+            previous = local(1)
+            try:
+                return [fn(blocks[i]) for i in range(s.start, s.stop)]
+            finally:
+                local(previous)
+        return [r for rs in self._split(len(blocks), self.PARALLEL_MIN, part) for r in rs]
+
+    def _channel_major(self, name: str, x: Array, at: Sequence[int], size: Sequence[int],
+                       tail: int) -> Array:
+        """``x (N, C, H, W)`` as ``(C, N Hp Wp + tail)`` in scratch ``name``: each image at
+        row and column ``at`` of a ``size = (Hp, Wp)`` frame of zeros, ``tail`` zeros after
+        the last; split over channels among threads."""
+        n, c, h, w = x.shape
+        (top, left), (hp, wp) = at, size
+        buf = self._scratch(name, (c, n * hp * wp + tail), x.dtype)
+        if native.usable(x):
+            lib = native.library()
+            self._parallel(buf, lambda s: lib.to_channel_major(
+                x.ctypes.data, buf.ctypes.data, n, c, h, w, top, left, hp, wp, tail, s.start,
+                s.stop))
+            return buf
+
+        def part(s: slice) -> None:
+            img = buf[s, :n * hp * wp].reshape(-1, n, hp, wp)
+            img[:, :, :top] = 0
+            img[:, :, top + h:] = 0
+            img[:, :, top:top + h, :left] = 0
+            img[:, :, top:top + h, left + w:] = 0
+            buf[s, n * hp * wp:] = 0
+            img[:, :, top:top + h, left:left + w] = x[:, s].transpose(1, 0, 2, 3)
+        self._parallel(buf, part)
+        return buf
+
+    @staticmethod
+    def _correlate(xc: Array, weight: Array, wp: int, out: Array, beta: float) -> None:
+        """``out (O, L) = sum_ij weight[:, :, i, j] @ xc[:, i wp + j:][:, :L] + beta out``."""
+        _, _, kh, kw = weight.shape
+        length = out.shape[1]
+        taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))
+        for i in range(kh):
+            for j in range(kw):
+                start = i * wp + j
+                blas.BLAS.gemm(taps[i, j], xc[:, start:start + length], out,
+                               beta=beta if i == j == 0 else 1.0)
+
+    def _from_channel_major(self, out: Array, frame: Sequence[int], y: Array,
+                            bias: Array | None = None) -> None:
+        """``y (N, O, Ho, Wo)`` from ``out (O, N Hp Wp)``: the top-left ``Ho x Wo`` of each
+        frame (plus ``bias`` per channel, in the same pass), split over samples."""
+        n, o, ho, wo = y.shape
+        if native.usable(out, y) and (bias is None or bias.dtype == np.float32):
+            lib, b = native.library(), None if bias is None else self._f32(bias)[0]
+            self._parallel(y, lambda s: lib.from_channel_major(
+                out.ctypes.data, y.ctypes.data, n, o, *frame, ho, wo,
+                None if b is None else b.ctypes.data, s.start, s.stop))
+            return
+        src = out.reshape(o, n, *frame)[:, :, :ho, :wo]
+
+        def part(s: slice) -> None:
+            if bias is None:
+                y[s] = src[:, s].transpose(1, 0, 2, 3)
+            else:
+                np.add(src[:, s].transpose(1, 0, 2, 3), bias.reshape(1, o, 1, 1), out=y[s])
+        self._parallel(y, part)
+
+    def _conv_shifted(self, x: Array, weight: Array, bias: Array | None,
+                      padding: Sequence[int]) -> Array:
+        (n, c, h, w), (o, _, kh, kw) = x.shape, weight.shape
+        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        y = np.empty((n, o, hp - kh + 1, wp - kw + 1), dtype=x.dtype)
+
+        def block(b: slice) -> None:
+            xc = self._channel_major("padded", x[b], padding, (hp, wp), (kh - 1) * wp + kw - 1)
+            out = self._scratch("product", (o, (b.stop - b.start) * hp * wp), x.dtype)
+            self._correlate(xc, weight, wp, out, 0.0)
+            self._from_channel_major(out, (hp, wp), y[b], bias)
+        self._over_samples(n, max(c, o) * hp * wp * x.itemsize, block)
+        return y
+
+    #: bytes of one block of the weight gradient's column matrix: half this machine's L2
+    #: cache, so that the block is written and read by the GEMM there (1024 columns of a
+    #: 32-channel 3x3 convolution on a 2 MiB L2: 6.4 ms of copies for the bn workload's
+    #: second convolution on one thread, 8.1 with 2048 and 10.1 with 8192)
+    DW_BLOCK_BYTES = _l2_cache_bytes() // 2
+
+    def _backprop_shifted(self, dy: Array, x: Array, weight: Array, padding: Sequence[int],
+                          bias: bool, input_grad: bool) -> tuple[Array | None, Array, Array | None]:
+        (n, c, h, w), (o, _, kh, kw), (ho, wo) = x.shape, weight.shape, dy.shape[2:]
+        (ph, pw), (qh, qw) = padding, (kh - 1 - padding[0], kw - 1 - padding[1])
+        hp, wp = h + 2 * ph, w + 2 * pw
+        tail = (kh - 1) * max(wp, wo + 2 * qw) + kw - 1
+        dx = np.empty(x.shape, dtype=dy.dtype) if input_grad else None
+        # dy padded by k - 1 - p has x's padded frame when p = (k - 1) / 2 ("same"): one copy
+        # of dy then serves both gradients, the weight's reading it from offset qh Wp + qw
+        same = (qh, qw) == (ph, pw)
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+
+        def block(b: slice) -> Array:
+            nb = b.stop - b.start
+            length = nb * hp * wp
+            xc = self._channel_major("padded", x[b], padding, (hp, wp), tail)
+            if input_grad:
+                frame = (ho + 2 * qh, wo + 2 * qw)
+                dyp = self._channel_major("dy", dy[b], (qh, qw), frame, tail)
+            if input_grad and same:
+                dyc = dyp[:, qh * wp + qw:][:, :length]
+            else:  # dy at the top left of x's frames, zero past (Ho, Wo)
+                dyc = self._channel_major("dy-aligned", dy[b], (0, 0), (hp, wp), 0)
+            # dweight^T (C kh kw, O) += cols (C kh kw, m) dy^T (m, O), m columns at a time
+            dweight_t = np.zeros((c * kh * kw, o), dtype=weight.dtype)
+            m = max(64, self.DW_BLOCK_BYTES // (c * kh * kw * x.itemsize))
+            cols = self._scratch("columns", (c, kh, kw, m), x.dtype)
+            for s in range(0, length, m):
+                k = min(m, length - s)
+                for i in range(kh):
+                    for j in range(kw):
+                        cols[:, i, j, :k] = xc[:, s + i * wp + j:s + i * wp + j + k]
+                blas.BLAS.gemm(cols.reshape(c * kh * kw, m)[:, :k], dyc[:, s:s + k],
+                               dweight_t, beta=1.0, trans_b=True)
+            if input_grad:
+                dxc = self._scratch("product", (c, nb * frame[0] * frame[1]), dy.dtype)
+                self._correlate(dyp, flipped, frame[1], dxc, 0.0)
+                self._from_channel_major(dxc, frame, dx[b])
+            return dweight_t
+        dweight_t = sum(self._over_samples(n, max(c, o) * hp * wp * x.itemsize, block))
+        dweight = np.ascontiguousarray(dweight_t.T).reshape(weight.shape)
+        return dx, dweight, self.conv_bias_grad(dy) if bias else None
 
     #: elements per piece of :meth:`_piecewise`: a piece of a few arrays stays in L2 cache
     PIECE = 1 << 14

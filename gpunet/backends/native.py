@@ -1,0 +1,120 @@
+"""The CPU device's compiled float32 loops (``kernels/cpu.cpp``), built on first use.
+
+The source is compiled with the machine's C++ compiler (``$CXX``, default ``g++``, the one the
+CUDA emulator uses) for the machine's own instruction set (``-O3 -march=native``), and kept in
+``$GPUNET_CACHE_DIR/cpu`` (else ``~/.cache/gpunet/cpu``) under a hash of the source, the
+compiler, its flags and the CPU's flags, so that a home folder shared by different machines
+holds one library for each. :func:`library` is None, and the CPU device keeps its NumPy code,
+where there is no compiler, the build fails, or ``GPUNET_CPU_NATIVE=0``; float64 always takes
+the NumPy code, the reference every other device is tested against.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
+         "-fvisibility=hidden")
+_FLOAT_P, _DOUBLE_P, _I64 = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_double),
+                             ctypes.c_int64)
+_P = ctypes.c_void_p
+#: each function's argument types (pointers as void*: arrays pass their .ctypes.data)
+SIGNATURES: dict[str, tuple[Any, ...]] = {
+    "channel_sum": (_P, _I64, _I64, _I64, _I64, _P),
+    "channel_sq_dev": (_P, _I64, _I64, _I64, _I64, _P, _P),
+    "batchnorm_apply": (_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
+    "batchnorm_sums": (_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
+    "batchnorm_dx": (_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P),
+    "relu": (_P, _P, _I64, _I64),
+    "relu_backward": (_P, _P, _P, _I64, _I64),
+    "lstm_cell_forward": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
+    "lstm_cell_backward": (_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
+    "to_channel_major": (_P, _P, *(_I64,) * 11),
+    "from_channel_major": (_P, _P, *(_I64,) * 6, _P, _I64, _I64),
+}
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _source() -> Path:
+    from ..kernels import kernel_dir
+    return kernel_dir() / "cpu.cpp"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPUNET_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "gpunet") / "cpu"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> tuple[Any, str]:
+    """The loaded library, or None and why not."""
+    if os.environ.get("GPUNET_CPU_NATIVE", "").strip() == "0":
+        return None, "GPUNET_CPU_NATIVE=0"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return None, f"no C++ compiler {cxx!r} (install g++ or set CXX)"
+    source = _source().read_bytes()
+    version = subprocess.run([cxx, "-dumpfullversion", "-dumpmachine"], capture_output=True,
+                             text=True).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:24]
+    target = cache_dir() / f"cpu-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            done = subprocess.run([cxx, *FLAGS, "-o", str(out), str(_source())],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                return None, f"{cxx} failed on {_source().name}: {done.stderr.strip()[-500:]}"
+            os.replace(out, target)  # atomic: another process never loads half a file
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = list(argtypes), None
+    return lib, str(target)
+
+
+def library() -> Any:
+    """The compiled library (its functions as in :data:`SIGNATURES`), or None; built and
+    loaded once per process, at the first call."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    _state["lib"], _state["why"] = _build()
+                except OSError as e:  # an unwritable cache, a library that will not load
+                    _state["lib"], _state["why"] = None, f"{type(e).__name__}: {e}"
+    return _state["lib"]
+
+
+def status() -> str:
+    """Where the library was loaded from, or why the NumPy code runs instead."""
+    return f"compiled ({_state['why']})" if library() is not None else f"NumPy ({_state['why']})"
+
+
+def usable(*arrays: np.ndarray) -> bool:
+    """Whether the compiled loops take these arrays: float32, C-contiguous, and a library."""
+    return (all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+            and library() is not None)

@@ -1,0 +1,150 @@
+"""The CPU device's compiled float32 loops (kernels/cpu.cpp through gpunet.backends.native)
+against its NumPy code, which float64 and machines without a compiler run; the switches and the
+fallback when the build fails."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpunet.backends import Backend, CpuBackend, native
+
+R = np.random.default_rng(11)
+needs_native = pytest.mark.skipif(native.library() is None,
+                                  reason=f"no compiled CPU loops here: {native.status()}")
+
+
+@pytest.fixture
+def both(monkeypatch):
+    """``(compiled, numpy)``: the CPU device with its compiled loops, and a function that runs
+    a call with them turned off."""
+    cpu = CpuBackend(np, "cpu-test")
+
+    def numpy_only(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(native, "library", lambda: None)
+            return fn(*args)
+    return cpu, numpy_only
+
+
+def f32(*shape):
+    return R.normal(size=shape).astype(np.float32)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(64, 32, 16, 16), (300, 7), (3, 5, 2, 3), (3, 1)])
+def test_batchnorm_and_relu_loops_match_numpy(both, shape):
+    cpu, numpy_only = both
+    x, dy = f32(*shape) * 3 + 1, f32(*shape)
+    x.reshape(-1)[:3] = [0.0, -0.0, np.nan]  # ReLU's edges: zero and NaN
+    c = shape[1]
+    mean, scale, shift, k = f32(c), f32(c), f32(c), f32(c)
+    for name, args in [("relu", (x,)), ("backprop_relu", (dy, x)), ("channel_sum", (dy,)),
+                       ("channel_sq_dev", (dy, mean)), ("batchnorm_apply", (dy, mean, scale, shift)),
+                       ("_batchnorm_sums", (dy, dy * 2, mean)),
+                       ("_batchnorm_dx", (dy, dy * 2, mean, k, scale, shift))]:
+        got, want = getattr(cpu, name)(*args), numpy_only(getattr(cpu, name), *args)
+        for g, w in zip(got if isinstance(got, tuple) else [got],
+                        want if isinstance(want, tuple) else [want]):
+            assert g.dtype == np.float32 and g.shape == w.shape, name
+            scale_of = max(1.0, float(np.nanmax(np.abs(w))))
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * scale_of, err_msg=name)
+
+
+@needs_native
+def test_relu_backward_is_zero_where_x_is_not_positive_even_for_inf_dy(both):
+    """As PyTorch's threshold_backward: dy passes where x > 0, else 0 (never 0 * inf)."""
+    cpu, _ = both
+    x = np.array([[1.0, 0.0, -1.0, np.nan]], np.float32)
+    dy = np.array([[np.inf, np.inf, np.nan, 5.0]], np.float32)
+    np.testing.assert_array_equal(cpu.backprop_relu(dy, x), [[np.inf, 0, 0, 0]])
+    np.testing.assert_array_equal(cpu.relu(x), [[1, 0, 0, np.nan]])
+
+
+@needs_native
+def test_lstm_cell_loops_match_numpy(both):
+    cpu, numpy_only = both
+    n, hid = 5, 33
+    xg, hg, c_prev = f32(n, 4 * hid) * 4, f32(n, 4 * hid), f32(n, hid)
+    outs = [np.empty((n, 4 * hid), np.float32), np.empty((n, hid), np.float32),
+            np.empty((n, hid), np.float32)]
+    refs = [np.empty_like(o) for o in outs]
+    cpu.lstm_cell_forward(xg, hg, c_prev, *outs)
+    Backend.lstm_cell_forward(cpu, xg, hg, c_prev, *refs)
+    for g, w in zip(outs, refs):
+        np.testing.assert_allclose(g, w, rtol=2e-6, atol=2e-6)
+    dy, dh, dc = f32(n, hid), f32(n, hid), f32(n, hid)
+    got = [np.empty((n, 4 * hid), np.float32), np.empty((n, hid), np.float32)]
+    want = [np.empty_like(g) for g in got]
+    cpu.lstm_cell_backward(dy, dh, dc, refs[0], c_prev, refs[1], *got)
+    Backend.lstm_cell_backward(cpu, dy, dh, dc, refs[0], c_prev, refs[1], *want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_tanh_of_the_loops_is_within_a_few_ulp_and_saturates():
+    """The rational tanh the loops use, through the LSTM's g gate: tanh(z) = acts[:, 2H:3H]."""
+    cpu = CpuBackend(np, "cpu-test")
+    z = np.concatenate([np.linspace(-12, 12, 4001), [-1e30, 1e30, 1e-6, -1e-6, 0.0]])
+    hid = len(z)
+    xg = np.zeros((1, 4 * hid), np.float32)
+    xg[0, 2 * hid:3 * hid] = z
+    acts = np.empty((1, 4 * hid), np.float32)
+    cpu.lstm_cell_forward(xg, np.zeros_like(xg), np.zeros((1, hid), np.float32), acts,
+                          np.empty((1, hid), np.float32), np.empty((1, hid), np.float32))
+    g = acts[0, 2 * hid:3 * hid].astype(np.float64)
+    np.testing.assert_allclose(g, np.tanh(z.astype(np.float32).astype(np.float64)), rtol=5e-7,
+                               atol=2e-7)
+    assert np.all(np.abs(g) <= 1.0)
+
+
+@needs_native
+def test_channel_major_copies_match_numpy(both):
+    cpu, numpy_only = both
+    x = f32(3, 4, 5, 6)
+    got = cpu._channel_major("a", x, (1, 2), (8, 11), 7).copy()
+    want = numpy_only(cpu._channel_major, "b", x, (1, 2), (8, 11), 7)
+    np.testing.assert_array_equal(got, want)
+    out = f32(4, 3 * 8 * 11)
+    y1, y2 = np.empty((3, 4, 5, 6), np.float32), np.empty((3, 4, 5, 6), np.float32)
+    bias = f32(4)
+    cpu._from_channel_major(out, (8, 11), y1, bias)
+    numpy_only(cpu._from_channel_major, out, (8, 11), y2, bias)
+    np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-6)
+
+
+def test_float64_and_strided_arrays_take_the_numpy_code():
+    x = np.ones((4, 4))
+    assert not native.usable(x)
+    assert not native.usable(np.ones((4, 8), np.float32)[:, ::2])
+
+
+def _status_in_child(**env):
+    code = "from gpunet.backends import native; print(native.status())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_the_switch_and_a_failed_build_fall_back_to_numpy(tmp_path):
+    assert _status_in_child(GPUNET_CPU_NATIVE="0") == "NumPy (GPUNET_CPU_NATIVE=0)"
+    status = _status_in_child(CXX="gpunet-no-such-compiler")
+    assert status.startswith("NumPy (no C++ compiler 'gpunet-no-such-compiler'")
+    broken = tmp_path / "cxx"
+    broken.write_text("#!/bin/sh\necho 'g++: internal error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    status = _status_in_child(CXX=str(broken), GPUNET_CACHE_DIR=str(tmp_path / "cache"))
+    assert status.startswith(f"NumPy ({broken} failed on cpu.cpp"), status
+
+
+@needs_native
+def test_the_library_is_cached_by_source_compiler_and_cpu(tmp_path):
+    status = _status_in_child(GPUNET_CACHE_DIR=str(tmp_path))
+    built = list((tmp_path / "cpu").glob("cpu-*.so"))
+    assert len(built) == 1 and status == f"compiled ({built[0]})"
+    assert _status_in_child(GPUNET_CACHE_DIR=str(tmp_path)) == status  # reused, not rebuilt
