@@ -172,14 +172,8 @@ class SGD(Optimizer):
             self.add_slots("momentum_buffer")
 
     def update(self, w: Array, g: Array, slots: dict[str, Array]) -> None:
-        if self.weight_decay:
-            g = g + self.weight_decay * w
-        if self.momentum:
-            buf = slots["momentum_buffer"]
-            buf *= self.momentum
-            buf += g  # starts at zero, so the first step leaves buf = g exactly, as torch does
-            g = g + self.momentum * buf if self.nesterov else buf
-        w -= self.lr * g
+        device_of(w).sgd_update(w, g, slots["momentum_buffer"] if self.momentum else None,
+                                self.lr, self.momentum, self.weight_decay, self.nesterov)
 
 
 class RMSprop(Optimizer):

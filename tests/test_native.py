@@ -148,3 +148,39 @@ def test_the_library_is_cached_by_source_compiler_and_cpu(tmp_path):
     built = list((tmp_path / "cpu").glob("cpu-*.so"))
     assert len(built) == 1 and status == f"compiled ({built[0]})"
     assert _status_in_child(GPUNET_CACHE_DIR=str(tmp_path)) == status  # reused, not rebuilt
+
+
+@needs_native
+@pytest.mark.parametrize("momentum, weight_decay, nesterov", [(0.0, 0.0, False), (0.9, 0.0, False),
+                                                              (0.9, 1e-2, True), (0.0, 1e-3, False)])
+def test_sgd_step_loop_matches_numpy(momentum, weight_decay, nesterov):
+    cpu = CpuBackend(np, "cpu-test")
+    w, g = f32(7, 33), f32(7, 33)
+    buf = f32(7, 33) if momentum else None
+    w2, buf2 = w.copy(), None if buf is None else buf.copy()
+    for _ in range(3):
+        cpu.sgd_update(w, g, buf, 0.05, momentum, weight_decay, nesterov)
+        Backend.sgd_update(cpu, w2, g, buf2, 0.05, momentum, weight_decay, nesterov)
+    np.testing.assert_allclose(w, w2, rtol=1e-6, atol=1e-6)
+    if buf is not None:
+        np.testing.assert_allclose(buf, buf2, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((4, 6, 28, 28), (2, 2), (2, 2), (0, 0)), ((2, 3, 7, 9), (2, 2), (2, 2), (0, 0)),
+    ((2, 3, 7, 9), (3, 3), (2, 2), (1, 1)),
+    ((2, 2, 6, 5), (3, 2), (1, 1), (1, 0)), ((1, 2, 5, 5), (1, 1), (1, 1), (0, 0))])
+def test_maxpool_loops_match_numpy(both, shape, kernel, stride, padding):
+    """Overlapping windows, padding and ties (a rounded input has many): the same maxima, the
+    same first-maximum offsets, and the gradients of shared maxima summed."""
+    cpu, numpy_only = both
+    x = np.round(f32(*shape) * 2) / 2
+    y, index = cpu.maxpool2d(x, kernel, stride, padding)
+    y_ref, index_ref = numpy_only(cpu.maxpool2d, x, kernel, stride, padding)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(index, index_ref)
+    dy = f32(*y.shape)
+    np.testing.assert_allclose(cpu.backprop_maxpool2d(dy, index, shape, kernel, stride, padding),
+                               numpy_only(cpu.backprop_maxpool2d, dy, index_ref, shape, kernel,
+                                          stride, padding), rtol=1e-6, atol=1e-6)

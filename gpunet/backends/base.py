@@ -314,6 +314,21 @@ class Backend:
         dx += dy * self._per_channel(k, x.ndim)
         return dx
 
+    # -- optimizer steps ------------------------------------------------------------------
+    def sgd_update(self, w: Array, g: Array, buf: Array | None, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        """One SGD step on ``w`` in place, as ``torch.optim.SGD`` (no dampening):
+        ``g' = g + weight_decay w``; with a momentum buffer ``buf`` (updated in place)
+        ``buf = momentum buf + g'`` and ``g' = g' + momentum buf`` (Nesterov) or ``buf``;
+        ``w -= lr g'``."""
+        if weight_decay:
+            g = g + weight_decay * w
+        if buf is not None:
+            buf *= momentum
+            buf += g  # starts at zero, so the first step leaves buf = g exactly, as torch does
+            g = g + momentum * buf if nesterov else buf
+        w -= lr * g
+
     # -- convolution and pooling over (N, C, H, W) ----------------------------------------
     # ``kernel``, ``stride`` and ``padding`` are (height, width) pairs; an output is
     # (Ho, Wo) = ((H + 2 ph - kh) // sh + 1, (W + 2 pw - kw) // sw + 1). Loops below run

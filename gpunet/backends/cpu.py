@@ -262,6 +262,40 @@ class CpuBackend(Backend):
         self._in_pieces(x, piece)
         return dx
 
+    def maxpool2d(self, x: Array, kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int]) -> tuple[Array, Array]:
+        if not (native.usable(x) and tuple(kernel) == tuple(stride) == (2, 2)
+                and tuple(padding) == (0, 0)):
+            return Backend.maxpool2d(self, x, kernel, stride, padding)
+        n, c, h, w = x.shape
+        y = np.empty((n, c, h // 2, w // 2), np.float32)
+        index = np.empty((n, c, h // 2, w // 2), np.int32)
+        lib, planes = native.library(), x.reshape(n * c, h * w)
+        self._parallel(planes, lambda s: lib.maxpool2x2_forward(
+            x.ctypes.data, y.ctypes.data, index.ctypes.data, s.start, s.stop, h, w))
+        return y, index
+
+    def backprop_maxpool2d(self, dy: Array, index: Array, x_shape: Sequence[int],
+                           kernel: Sequence[int], stride: Sequence[int],
+                           padding: Sequence[int]) -> Array:
+        if not (native.usable(dy) and index.dtype == np.int32 and index.flags.c_contiguous):
+            return Backend.backprop_maxpool2d(self, dy, index, x_shape, kernel, stride, padding)
+        (n, c, h, w), (ho, wo) = x_shape, dy.shape[2:]
+        dx = np.empty(x_shape, np.float32)
+        lib, planes = native.library(), dx.reshape(n * c, h * w)
+        self._parallel(planes, lambda s: lib.maxpool_backward(
+            dy.ctypes.data, index.ctypes.data, dx.ctypes.data, s.start, s.stop, h, w, kernel[1],
+            *stride, *padding, ho, wo))
+        return dx
+
+    def sgd_update(self, w: Array, g: Array, buf: Array | None, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        if not native.usable(w, g, *([] if buf is None else [buf])):
+            return Backend.sgd_update(self, w, g, buf, lr, momentum, weight_decay, nesterov)
+        native.library().sgd_update(w.ctypes.data, g.ctypes.data,
+                                    None if buf is None else buf.ctypes.data, w.size, lr,
+                                    momentum, weight_decay, int(nesterov))
+
     def lstm_cell_forward(self, xg: Array, hg: Array, c_prev: Array, acts: Array, c: Array,
                           h: Array) -> None:
         if not native.usable(xg, hg, c_prev, acts, c, h):

@@ -40,6 +40,9 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "lstm_cell_backward": (_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
     "to_channel_major": (_P, _P, *(_I64,) * 11),
     "from_channel_major": (_P, _P, *(_I64,) * 6, _P, _I64, _I64),
+    "maxpool2x2_forward": (_P, _P, _P, *(_I64,) * 4),
+    "maxpool_backward": (_P, _P, _P, *(_I64,) * 11),
+    "sgd_update": (_P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I64),
 }
 
 _lock = threading.Lock()
