@@ -258,3 +258,67 @@ EXPORT void maxpool_backward(const float* dy, const std::int32_t* index, float* 
             }
     }
 }
+
+// Direct stride-1 convolution for few input channels (LeNet's, an RGB input's), where a
+// GEMM would multiply by a matrix of a few rows and the column matrix costs more than the
+// arithmetic. x (N, C, H, W), weight (O, C, kh, kw), y (N, O, Ho, Wo) with Ho = H + 2 ph -
+// kh + 1; samples [n0, n1). Each output row is a sum of C kh kw shifted input rows scaled by
+// one weight each, a loop along the row that vectorises. pad: a scratch of C Hp Wp floats.
+static void pad_sample(const float* x, float* pad, i64 c, i64 h, i64 w, i64 ph, i64 pw,
+                       i64 hp, i64 wp) {
+    std::memset(pad, 0, sizeof(float) * c * hp * wp);
+    for (i64 k = 0; k < c; ++k)
+        for (i64 r = 0; r < h; ++r)
+            std::memcpy(pad + (k * hp + r + ph) * wp + pw, x + (k * h + r) * w, sizeof(float) * w);
+}
+
+EXPORT void conv_direct_forward(const float* x, const float* weight, const float* bias,
+                                float* y, float* pad, i64 n0, i64 n1, i64 c, i64 h, i64 w,
+                                i64 o, i64 kh, i64 kw, i64 ph, i64 pw) {
+    const i64 hp = h + 2 * ph, wp = w + 2 * pw, ho = hp - kh + 1, wo = wp - kw + 1;
+    for (i64 n = n0; n < n1; ++n) {
+        pad_sample(x + n * c * h * w, pad, c, h, w, ph, pw, hp, wp);
+        for (i64 m = 0; m < o; ++m)
+            for (i64 r = 0; r < ho; ++r) {
+                float* __restrict out = y + ((n * o + m) * ho + r) * wo;
+                const float b = bias ? bias[m] : 0.0f;
+#pragma omp simd
+                for (i64 q = 0; q < wo; ++q) out[q] = b;
+                for (i64 k = 0; k < c; ++k)
+                    for (i64 i = 0; i < kh; ++i) {
+                        const float* __restrict row = pad + (k * hp + r + i) * wp;
+                        const float* wt = weight + ((m * c + k) * kh + i) * kw;
+                        for (i64 j = 0; j < kw; ++j) {
+                            const float v = wt[j];
+#pragma omp simd
+                            for (i64 q = 0; q < wo; ++q) out[q] += v * row[q + j];
+                        }
+                    }
+            }
+    }
+}
+
+// Its weight gradient over samples [n0, n1), written (not added) to dweight (O, C, kh, kw):
+// dweight[m, k, i, j] = sum over n, r, q of dy[n, m, r, q] xpad[n, k, r + i, q + j].
+EXPORT void conv_direct_dweight(const float* x, const float* dy, float* dweight, float* pad,
+                                i64 n0, i64 n1, i64 c, i64 h, i64 w, i64 o, i64 kh, i64 kw,
+                                i64 ph, i64 pw) {
+    const i64 hp = h + 2 * ph, wp = w + 2 * pw, ho = hp - kh + 1, wo = wp - kw + 1;
+    std::memset(dweight, 0, sizeof(float) * o * c * kh * kw);
+    for (i64 n = n0; n < n1; ++n) {
+        pad_sample(x + n * c * h * w, pad, c, h, w, ph, pw, hp, wp);
+        for (i64 m = 0; m < o; ++m)
+            for (i64 k = 0; k < c; ++k)
+                for (i64 i = 0; i < kh; ++i)
+                    for (i64 j = 0; j < kw; ++j) {
+                        float s = 0.0f;
+                        for (i64 r = 0; r < ho; ++r) {
+                            const float* __restrict g = dy + ((n * o + m) * ho + r) * wo;
+                            const float* __restrict row = pad + (k * hp + r + i) * wp + j;
+#pragma omp simd reduction(+ : s)
+                            for (i64 q = 0; q < wo; ++q) s += g[q] * row[q];
+                        }
+                        dweight[((m * c + k) * kh + i) * kw + j] += s;
+                    }
+    }
+}

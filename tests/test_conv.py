@@ -381,3 +381,31 @@ def test_few_channels_take_the_column_path():
     assert not cpu._shifts(x.astype(np.float16), (1, 1), 8)
     assert not cpu._shifts(x, (2, 2), 8)
     assert cpu._shifts(x, (1, 1), 8) == (gpunet.backends.blas.BLAS is not None)
+
+
+@pytest.mark.skipif(gpunet.backends.native.library() is None,
+                    reason=f"no compiled CPU loops here: {gpunet.backends.native.status()}")
+@pytest.mark.parametrize("shape, out, kernel, padding", [
+    ((3, 1, 9, 8), 6, (5, 5), (2, 2)),      # LeNet's first convolution, smaller
+    ((2, 2, 6, 7), 3, (3, 2), (0, 1)),
+    ((2, 1, 5, 5), 1, (1, 1), (0, 0)),
+    ((2, 4, 6, 6), 2, (3, 3), (2, 2)),      # padding > k - 1: dx by the column path
+])
+def test_cpu_direct_loops_match_the_one_gemm_convolution(shape, out, kernel, padding):
+    """float32 convolutions of few channels run as compiled loops: forward, dweight and dx
+    against the generic code; float64 takes the column path."""
+    cpu = CpuBackend(np, "cpu-test")
+    reference = Backend(np, "reference")
+    x = R.normal(size=shape).astype(np.float32)
+    w = R.normal(size=(out, shape[1], *kernel)).astype(np.float32)
+    b = R.normal(size=out).astype(np.float32)
+    assert cpu._direct(x, (1, 1), shape[1], out) and not cpu._direct(x.astype(np.float64), (1, 1),
+                                                                      shape[1], out)
+    y, saved = cpu.conv2d(x, w, b, (1, 1), padding)
+    y_ref, cols = reference.conv2d(x, w, b, (1, 1), padding)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = R.normal(size=y.shape).astype(np.float32)
+    got = cpu.backprop_conv2d(dy, saved, shape, w, (1, 1), padding)
+    want = reference.backprop_conv2d(dy, cols, shape, w, (1, 1), padding)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)

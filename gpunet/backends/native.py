@@ -42,6 +42,8 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "from_channel_major": (_P, _P, *(_I64,) * 6, _P, _I64, _I64),
     "maxpool2x2_forward": (_P, _P, _P, *(_I64,) * 4),
     "maxpool_backward": (_P, _P, _P, *(_I64,) * 11),
+    "conv_direct_forward": (_P, _P, _P, _P, _P, *(_I64,) * 10),
+    "conv_direct_dweight": (_P, _P, _P, _P, *(_I64,) * 10),
     "sgd_update": (_P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I64),
 }
 
