@@ -1,22 +1,32 @@
 // The CPU device's compiled loops, float32 only (float64 stays NumPy: the reference every
-// other device is tested against). Each formula is one pass over its arrays, where NumPy
-// needs one pass per operation and a temporary between them. Built on first use by
-// gpunet/backends/native.py with the machine's own compiler, for the machine's own ISA
-// (-O3 -march=native); without a compiler the CPU device keeps its NumPy code.
+// other device is tested against), and the pool of threads that runs them and the GEMMs.
+// Each formula is one pass over its arrays, where NumPy needs one pass per operation and a
+// temporary between them. Built on first use by gpunet/backends/native.py with the
+// machine's own compiler, for the machine's own ISA (-O3 -march=native); without a compiler
+// the CPU device keeps its NumPy code.
 //
-// Layout: (N, C, HW) C-contiguous ((N, C) data has HW = 1). Every function takes the
-// sample range [n0, n1), so that threads can share a batch; per-channel sums are written
-// for that range alone (the caller adds the ranges' sums) and accumulated in double.
+// Layout: (N, C, HW) C-contiguous ((N, C) data has HW = 1). Each loop below takes a range
+// [n0, n1) of samples (or elements, planes, rows); the exported *_mt entry points at the end
+// cut the whole range among the pool's threads. Per-channel sums are accumulated in double
+// per range and the ranges added in order.
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 using i64 = std::int64_t;
 
 // sum[c] = sum over n in [n0, n1) and p of x[n, c, p]
-EXPORT void channel_sum(const float* x, i64 n0, i64 n1, i64 c, i64 hw, double* sum) {
+static void channel_sum(const float* x, i64 n0, i64 n1, i64 c, i64 hw, double* sum) {
     for (i64 j = 0; j < c; ++j) sum[j] = 0.0;
     for (i64 n = n0; n < n1; ++n)
         for (i64 j = 0; j < c; ++j) {
@@ -29,7 +39,7 @@ EXPORT void channel_sum(const float* x, i64 n0, i64 n1, i64 c, i64 hw, double* s
 }
 
 // out[c] = sum of (x - mean[c])^2 over n in [n0, n1) and p
-EXPORT void channel_sq_dev(const float* x, i64 n0, i64 n1, i64 c, i64 hw, const float* mean,
+static void channel_sq_dev(const float* x, i64 n0, i64 n1, i64 c, i64 hw, const float* mean,
                            double* out) {
     for (i64 j = 0; j < c; ++j) out[j] = 0.0;
     for (i64 n = n0; n < n1; ++n)
@@ -44,7 +54,7 @@ EXPORT void channel_sq_dev(const float* x, i64 n0, i64 n1, i64 c, i64 hw, const 
 }
 
 // y = (x - mean[c]) scale[c] + shift[c]
-EXPORT void batchnorm_apply(const float* x, float* y, i64 n0, i64 n1, i64 c, i64 hw,
+static void batchnorm_apply(const float* x, float* y, i64 n0, i64 n1, i64 c, i64 hw,
                             const float* mean, const float* scale, const float* shift) {
     for (i64 n = n0; n < n1; ++n)
         for (i64 j = 0; j < c; ++j) {
@@ -55,7 +65,7 @@ EXPORT void batchnorm_apply(const float* x, float* y, i64 n0, i64 n1, i64 c, i64
 }
 
 // sum_dy[c] = sum dy, sum_dyc[c] = sum dy (x - mean[c])
-EXPORT void batchnorm_sums(const float* dy, const float* x, i64 n0, i64 n1, i64 c, i64 hw,
+static void batchnorm_sums(const float* dy, const float* x, i64 n0, i64 n1, i64 c, i64 hw,
                            const float* mean, double* sum_dy, double* sum_dyc) {
     for (i64 j = 0; j < c; ++j) sum_dy[j] = sum_dyc[j] = 0.0;
     for (i64 n = n0; n < n1; ++n)
@@ -71,7 +81,7 @@ EXPORT void batchnorm_sums(const float* dy, const float* x, i64 n0, i64 n1, i64 
 }
 
 // dx = k[c] dy + coef[c] (x - mean[c]) + shift[c]
-EXPORT void batchnorm_dx(const float* dy, const float* x, float* dx, i64 n0, i64 n1, i64 c,
+static void batchnorm_dx(const float* dy, const float* x, float* dx, i64 n0, i64 n1, i64 c,
                          i64 hw, const float* mean, const float* k, const float* coef,
                          const float* shift) {
     for (i64 n = n0; n < n1; ++n)
@@ -84,12 +94,12 @@ EXPORT void batchnorm_dx(const float* dy, const float* x, float* dx, i64 n0, i64
 }
 
 // y = max(x, 0) over [i0, i1); NaN stays NaN, as np.maximum keeps it
-EXPORT void relu(const float* x, float* y, i64 i0, i64 i1) {
+static void relu(const float* x, float* y, i64 i0, i64 i1) {
     for (i64 i = i0; i < i1; ++i) y[i] = x[i] > 0.0f ? x[i] : (x[i] != x[i] ? x[i] : 0.0f);
 }
 
 // dx = dy where x > 0, else 0
-EXPORT void relu_backward(const float* dy, const float* x, float* dx, i64 i0, i64 i1) {
+static void relu_backward(const float* dy, const float* x, float* dx, i64 i0, i64 i1) {
     for (i64 i = i0; i < i1; ++i) dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
 }
 
@@ -120,7 +130,7 @@ static inline float sigmoid(float z) { return 0.5f * tanh_f(0.5f * z) + 0.5f; }
 // One LSTM step over rows [r0, r1) of (N, 4H) gate pre-activations, gates i, f, g, o:
 // acts = [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)] of xg + hg, c = f c_prev + i g,
 // h = o tanh(c) (gpunet.backends.Backend.lstm_cell_forward)
-EXPORT void lstm_cell_forward(const float* xg, const float* hg, const float* c_prev,
+static void lstm_cell_forward(const float* xg, const float* hg, const float* c_prev,
                               float* acts, float* c, float* h, i64 r0, i64 r1, i64 hid) {
     for (i64 r = r0; r < r1; ++r) {
         const float *x = xg + r * 4 * hid, *g = hg + r * 4 * hid;
@@ -143,7 +153,7 @@ EXPORT void lstm_cell_forward(const float* xg, const float* hg, const float* c_p
 // Its backward (Backend.lstm_cell_backward): dh = dy + dh_rec, tc = tanh(c),
 // dc = dc_next + dh o (1 - tc^2); dz_i = dc g i (1 - i), dz_f = dc c_prev f (1 - f),
 // dz_g = dc i (1 - g^2), dz_o = dh tc o (1 - o); dc_prev = dc f
-EXPORT void lstm_cell_backward(const float* dy, const float* dh_rec, const float* dc_next,
+static void lstm_cell_backward(const float* dy, const float* dh_rec, const float* dc_next,
                                const float* acts, const float* c_prev, const float* c,
                                float* dz, float* dc_prev, i64 r0, i64 r1, i64 hid) {
     for (i64 r = r0; r < r1; ++r) {
@@ -167,7 +177,7 @@ EXPORT void lstm_cell_backward(const float* dy, const float* dh_rec, const float
 // The shifted-GEMM convolution's layout (CpuBackend._channel_major): channels [c0, c1) of
 // x (N, C, H, W) into buf (C, N Hp Wp + tail), each image at row top, column left of a
 // Hp x Wp frame of zeros, tail zeros after the last image.
-EXPORT void to_channel_major(const float* x, float* buf, i64 n, i64 c, i64 h, i64 w, i64 top,
+static void to_channel_major(const float* x, float* buf, i64 n, i64 c, i64 h, i64 w, i64 top,
                              i64 left, i64 hp, i64 wp, i64 tail, i64 c0, i64 c1) {
     const i64 frame = hp * wp, len = n * frame + tail, right = wp - left - w;
     for (i64 j = c0; j < c1; ++j) {
@@ -190,7 +200,7 @@ EXPORT void to_channel_major(const float* x, float* buf, i64 n, i64 c, i64 h, i6
 
 // Back (CpuBackend._from_channel_major): samples [n0, n1) of y (N, O, Ho, Wo) from the top
 // left Ho x Wo of each Hp x Wp frame of src (O, N Hp Wp), plus bias[o] unless bias is null.
-EXPORT void from_channel_major(const float* src, float* y, i64 n, i64 o, i64 hp, i64 wp,
+static void from_channel_major(const float* src, float* y, i64 n, i64 o, i64 hp, i64 wp,
                                i64 ho, i64 wo, const float* bias, i64 n0, i64 n1) {
     for (i64 s = n0; s < n1; ++s)
         for (i64 k = 0; k < o; ++k) {
@@ -206,7 +216,7 @@ EXPORT void from_channel_major(const float* src, float* y, i64 n, i64 o, i64 hp,
 // One SGD step in place (gpunet.optim.SGD, torch.optim.SGD without dampening):
 // g' = g + weight_decay w; with a momentum buffer, buf = momentum buf + g' and
 // g' = g' + momentum buf (Nesterov) or buf; w -= lr g'. One pass where NumPy makes four.
-EXPORT void sgd_update(float* w, const float* g, float* buf, i64 n, float lr, float momentum,
+static void sgd_update(float* w, const float* g, float* buf, i64 n, float lr, float momentum,
                        float weight_decay, i64 nesterov) {
 #pragma omp simd
     for (i64 i = 0; i < n; ++i) {
@@ -225,7 +235,7 @@ EXPORT void sgd_update(float* w, const float* g, float* buf, i64 n, float lr, fl
 // i kw + j of its first maximum in row-major order (a later tie never wins). Written for
 // that case alone: a loop over any kernel and stride with bounds checks took 1.3 ms for
 // LeNet's first pooling, this one 0.06 (other poolings keep the NumPy code).
-EXPORT void maxpool2x2_forward(const float* __restrict x, float* __restrict y,
+static void maxpool2x2_forward(const float* __restrict x, float* __restrict y,
                                std::int32_t* __restrict index, i64 p0, i64 p1, i64 h, i64 w) {
     const i64 ho = h / 2, wo = w / 2;
     for (i64 p = p0; p < p1; ++p)
@@ -244,7 +254,7 @@ EXPORT void maxpool2x2_forward(const float* __restrict x, float* __restrict y,
 
 // Its backward: dx (zeroed here) gets each window's dy at its first maximum; an element that
 // is the maximum of several overlapping windows gets their sum; padding gets nothing.
-EXPORT void maxpool_backward(const float* dy, const std::int32_t* index, float* dx, i64 p0,
+static void maxpool_backward(const float* dy, const std::int32_t* index, float* dx, i64 p0,
                              i64 p1, i64 h, i64 w, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw,
                              i64 ho, i64 wo) {
     for (i64 p = p0; p < p1; ++p) {
@@ -272,7 +282,7 @@ static void pad_sample(const float* x, float* pad, i64 c, i64 h, i64 w, i64 ph, 
             std::memcpy(pad + (k * hp + r + ph) * wp + pw, x + (k * h + r) * w, sizeof(float) * w);
 }
 
-EXPORT void conv_direct_forward(const float* x, const float* weight, const float* bias,
+static void conv_direct_forward(const float* x, const float* weight, const float* bias,
                                 float* y, float* pad, i64 n0, i64 n1, i64 c, i64 h, i64 w,
                                 i64 o, i64 kh, i64 kw, i64 ph, i64 pw) {
     const i64 hp = h + 2 * ph, wp = w + 2 * pw, ho = hp - kh + 1, wo = wp - kw + 1;
@@ -300,7 +310,7 @@ EXPORT void conv_direct_forward(const float* x, const float* weight, const float
 
 // Its weight gradient over samples [n0, n1), written (not added) to dweight (O, C, kh, kw):
 // dweight[m, k, i, j] = sum over n, r, q of dy[n, m, r, q] xpad[n, k, r + i, q + j].
-EXPORT void conv_direct_dweight(const float* x, const float* dy, float* dweight, float* pad,
+static void conv_direct_dweight(const float* x, const float* dy, float* dweight, float* pad,
                                 i64 n0, i64 n1, i64 c, i64 h, i64 w, i64 o, i64 kh, i64 kw,
                                 i64 ph, i64 pw) {
     const i64 hp = h + 2 * ph, wp = w + 2 * pw, ho = hp - kh + 1, wo = wp - kw + 1;
@@ -321,4 +331,277 @@ EXPORT void conv_direct_dweight(const float* x, const float* dy, float* dweight,
                         dweight[((m * c + k) * kh + i) * kw + j] += s;
                     }
     }
+}
+
+
+// ---- gpunet's CPU threads ------------------------------------------------------------------
+// One pool of worker threads for every loop above and for GEMMs (gemm_mt), each worker's
+// BLAS calls on one BLAS thread. A worker spins SPIN_US after its last job before it sleeps:
+// a dispatch then costs about a microsecond where Python's ThreadPoolExecutor took 88 us on
+// this VM, and no BLAS worker spins on the cores that the loops need (OpenBLAS's spun after
+// every threaded GEMM, and the loops next to them ran at a quarter of their speed).
+namespace {
+
+using Body = void (*)(void* ctx, i64 part, i64 parts);
+constexpr i64 SPIN_US = 50;
+
+struct Pool {
+    std::vector<std::thread> workers;
+    std::atomic<std::uint64_t> generation{0};
+    std::atomic<i64> pending{0};
+    Body body = nullptr;
+    void* ctx = nullptr;
+    i64 parts = 1;
+    std::mutex mutex;
+    std::condition_variable wake;
+    std::mutex dispatch;  // one parallel region at a time (calls from several Python threads)
+    pid_t pid = 0;
+};
+
+Pool* pool = nullptr;
+int (*blas_local_threads)(int) = nullptr;
+
+void work(Pool* p, i64 id) {
+    if (blas_local_threads) blas_local_threads(1);
+    std::uint64_t seen = 0;
+    for (;;) {
+        auto start = std::chrono::steady_clock::now();
+        while (p->generation.load(std::memory_order_acquire) == seen) {
+            if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(SPIN_US)) {
+                std::unique_lock<std::mutex> lock(p->mutex);
+                p->wake.wait(lock, [&] {
+                    return p->generation.load(std::memory_order_acquire) != seen; });
+                break;
+            }
+            __builtin_ia32_pause();
+        }
+        seen = p->generation.load(std::memory_order_acquire);
+        if (id < p->parts) p->body(p->ctx, id, p->parts);
+        p->pending.fetch_sub(1, std::memory_order_acq_rel);
+    }
+}
+
+// body(ctx, part, parts) for part in [0, parts), parts <= the pool's threads + 1, the calling
+// thread taking part 0; returns when all are done
+void run_parts(i64 parts, Body body, void* ctx) {
+    if (parts <= 1 || pool == nullptr || pool->pid != getpid()) {  // a forked child: no workers
+        const int previous = blas_local_threads ? blas_local_threads(1) : 0;
+        body(ctx, 0, 1);
+        if (blas_local_threads) blas_local_threads(previous);
+        return;
+    }
+    std::lock_guard<std::mutex> one(pool->dispatch);
+    const i64 workers = static_cast<i64>(pool->workers.size());
+    parts = parts > workers + 1 ? workers + 1 : parts;
+    pool->body = body;
+    pool->ctx = ctx;
+    pool->parts = parts;
+    pool->pending.store(workers, std::memory_order_release);
+    {
+        std::lock_guard<std::mutex> lock(pool->mutex);
+        pool->generation.fetch_add(1, std::memory_order_acq_rel);
+    }
+    pool->wake.notify_all();
+    int previous = blas_local_threads ? blas_local_threads(1) : 0;
+    body(ctx, 0, parts);
+    if (blas_local_threads) blas_local_threads(previous);
+    while (pool->pending.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
+}
+
+// f(a, b) over [0, n) cut into up to `threads` ranges
+template <class F>
+void parallel_for(i64 n, i64 threads, F f) {
+    struct Ctx { F* f; i64 n; } ctx{&f, n};
+    run_parts(threads < n ? threads : n, [](void* c, i64 part, i64 parts) {
+        auto* x = static_cast<Ctx*>(c);
+        (*x->f)(x->n * part / parts, x->n * (part + 1) / parts);
+    }, &ctx);
+}
+
+}  // namespace
+
+// Start the pool with threads - 1 workers (a no-op once started in this process);
+// blas_local: OpenBLAS's openblas_set_num_threads_local, or null.
+EXPORT void pool_start(i64 threads, void* blas_local) {
+    if (pool != nullptr && pool->pid == getpid()) return;
+    blas_local_threads = reinterpret_cast<int (*)(int)>(blas_local);
+    pool = new Pool();  // never freed: the workers live as long as the process
+    pool->pid = getpid();
+    for (i64 id = 1; id < threads; ++id) pool->workers.emplace_back(work, pool, id);
+    for (auto& t : pool->workers) t.detach();
+}
+
+// The loops above over the whole batch, `threads` ways (the CPU device's entry points).
+EXPORT void relu_mt(const float* x, float* y, i64 n, i64 threads) {
+    parallel_for(n, threads, [=](i64 a, i64 b) { relu(x, y, a, b); });
+}
+
+EXPORT void relu_backward_mt(const float* dy, const float* x, float* dx, i64 n, i64 threads) {
+    parallel_for(n, threads, [=](i64 a, i64 b) { relu_backward(dy, x, dx, a, b); });
+}
+
+// per-channel sums of each range, added in range order (the same result for the same
+// threads, whatever finishes first)
+template <class F>
+static void channel_sums_mt(i64 n, i64 c, i64 outputs, double* out, i64 threads, F f) {
+    const i64 parts = threads < n ? (threads < 1 ? 1 : threads) : (n < 1 ? 1 : n);
+    std::vector<double> partial(parts * outputs * c, 0.0);
+    double* base = partial.data();
+    parallel_for(parts, parts, [=](i64 a, i64 b) {
+        for (i64 k = a; k < b; ++k) f(n * k / parts, n * (k + 1) / parts, base + k * outputs * c);
+    });
+    for (i64 j = 0; j < outputs * c; ++j) {
+        double s = 0.0;
+        for (i64 k = 0; k < parts; ++k) s += partial[k * outputs * c + j];
+        out[j] = s;
+    }
+}
+
+EXPORT void channel_sum_mt(const float* x, i64 n, i64 c, i64 hw, double* sum, i64 threads) {
+    channel_sums_mt(n, c, 1, sum, threads,
+                    [=](i64 a, i64 b, double* o) { channel_sum(x, a, b, c, hw, o); });
+}
+
+EXPORT void channel_sq_dev_mt(const float* x, i64 n, i64 c, i64 hw, const float* mean,
+                              double* out, i64 threads) {
+    channel_sums_mt(n, c, 1, out, threads,
+                    [=](i64 a, i64 b, double* o) { channel_sq_dev(x, a, b, c, hw, mean, o); });
+}
+
+// out: sum(dy) for the c channels, then sum(dy (x - mean))
+EXPORT void batchnorm_sums_mt(const float* dy, const float* x, i64 n, i64 c, i64 hw,
+                              const float* mean, double* out, i64 threads) {
+    channel_sums_mt(n, c, 2, out, threads, [=](i64 a, i64 b, double* o) {
+        batchnorm_sums(dy, x, a, b, c, hw, mean, o, o + c); });
+}
+
+EXPORT void batchnorm_apply_mt(const float* x, float* y, i64 n, i64 c, i64 hw,
+                               const float* mean, const float* scale, const float* shift,
+                               i64 threads) {
+    parallel_for(n, threads, [=](i64 a, i64 b) {
+        batchnorm_apply(x, y, a, b, c, hw, mean, scale, shift); });
+}
+
+EXPORT void batchnorm_dx_mt(const float* dy, const float* x, float* dx, i64 n, i64 c, i64 hw,
+                            const float* mean, const float* k, const float* coef,
+                            const float* shift, i64 threads) {
+    parallel_for(n, threads, [=](i64 a, i64 b) {
+        batchnorm_dx(dy, x, dx, a, b, c, hw, mean, k, coef, shift); });
+}
+
+EXPORT void maxpool2x2_forward_mt(const float* x, float* y, std::int32_t* index, i64 planes,
+                                  i64 h, i64 w, i64 threads) {
+    parallel_for(planes, threads, [=](i64 a, i64 b) { maxpool2x2_forward(x, y, index, a, b, h, w); });
+}
+
+EXPORT void maxpool_backward_mt(const float* dy, const std::int32_t* index, float* dx,
+                                i64 planes, i64 h, i64 w, i64 kw, i64 sh, i64 sw, i64 ph,
+                                i64 pw, i64 ho, i64 wo, i64 threads) {
+    parallel_for(planes, threads, [=](i64 a, i64 b) {
+        maxpool_backward(dy, index, dx, a, b, h, w, kw, sh, sw, ph, pw, ho, wo); });
+}
+
+EXPORT void to_channel_major_mt(const float* x, float* buf, i64 n, i64 c, i64 h, i64 w, i64 top,
+                                i64 left, i64 hp, i64 wp, i64 tail, i64 threads) {
+    parallel_for(c, threads, [=](i64 a, i64 b) {
+        to_channel_major(x, buf, n, c, h, w, top, left, hp, wp, tail, a, b); });
+}
+
+EXPORT void from_channel_major_mt(const float* src, float* y, i64 n, i64 o, i64 hp, i64 wp,
+                                  i64 ho, i64 wo, const float* bias, i64 threads) {
+    parallel_for(n, threads, [=](i64 a, i64 b) {
+        from_channel_major(src, y, n, o, hp, wp, ho, wo, bias, a, b); });
+}
+
+EXPORT void conv_direct_forward_mt(const float* x, const float* weight, const float* bias,
+                                   float* y, i64 n, i64 c, i64 h, i64 w, i64 o, i64 kh, i64 kw,
+                                   i64 ph, i64 pw, i64 threads) {
+    parallel_for(n, threads, [=](i64 a, i64 b) {
+        std::vector<float> pad(c * (h + 2 * ph) * (w + 2 * pw));
+        conv_direct_forward(x, weight, bias, y, pad.data(), a, b, c, h, w, o, kh, kw, ph, pw);
+    });
+}
+
+EXPORT void conv_direct_dweight_mt(const float* x, const float* dy, float* dweight, i64 n, i64 c,
+                                   i64 h, i64 w, i64 o, i64 kh, i64 kw, i64 ph, i64 pw,
+                                   i64 threads) {
+    const i64 parts = threads < n ? (threads < 1 ? 1 : threads) : n, size = o * c * kh * kw;
+    std::vector<float> partial(parts * size);
+    float* base = partial.data();
+    parallel_for(parts, parts, [=](i64 a, i64 b) {
+        std::vector<float> pad(c * (h + 2 * ph) * (w + 2 * pw));
+        for (i64 k = a; k < b; ++k)
+            conv_direct_dweight(x, dy, base + k * size, pad.data(), n * k / parts,
+                                n * (k + 1) / parts, c, h, w, o, kh, kw, ph, pw);
+    });
+    for (i64 j = 0; j < size; ++j) {
+        float s = 0.0f;
+        for (i64 k = 0; k < parts; ++k) s += partial[k * size + j];
+        dweight[j] = s;
+    }
+}
+
+EXPORT void sgd_update_mt(float* w, const float* g, float* buf, i64 n, float lr, float momentum,
+                          float weight_decay, i64 nesterov, i64 threads) {
+    parallel_for(n, threads, [=](i64 a, i64 b) {
+        sgd_update(w + a, g + a, buf ? buf + a : nullptr, b - a, lr, momentum, weight_decay,
+                   nesterov); });
+}
+
+EXPORT void lstm_cell_forward_mt(const float* xg, const float* hg, const float* c_prev,
+                                 float* acts, float* c, float* h, i64 rows, i64 hid,
+                                 i64 threads) {
+    parallel_for(rows, threads, [=](i64 a, i64 b) {
+        lstm_cell_forward(xg, hg, c_prev, acts, c, h, a, b, hid); });
+}
+
+EXPORT void lstm_cell_backward_mt(const float* dy, const float* dh_rec, const float* dc_next,
+                                  const float* acts, const float* c_prev, const float* c,
+                                  float* dz, float* dc_prev, i64 rows, i64 hid, i64 threads) {
+    parallel_for(rows, threads, [=](i64 a, i64 b) {
+        lstm_cell_backward(dy, dh_rec, dc_next, acts, c_prev, c, dz, dc_prev, a, b, hid); });
+}
+
+// C (M, N) = op(A) op(B) + beta C, row-major, through the CBLAS ILP64 GEMM `gemm`
+// (sgemm or dgemm as `is_double` says), its columns (or rows, when M > N) cut `threads`
+// ways, each piece a single-threaded BLAS call on one of the pool's threads.
+using Sgemm = void (*)(int, int, int, i64, i64, i64, float, const float*, i64, const float*,
+                       i64, float, float*, i64);
+using Dgemm = void (*)(int, int, int, i64, i64, i64, double, const double*, i64,
+                       const double*, i64, double, double*, i64);
+
+EXPORT void gemm_mt(void* gemm, i64 is_double, i64 trans_a, i64 trans_b, i64 m, i64 n, i64 k,
+                    const void* a, i64 lda, const void* b, i64 ldb, double beta, void* c,
+                    i64 ldc, i64 threads) {
+    const int ta = trans_a ? 112 : 111, tb = trans_b ? 112 : 111;
+    const i64 size = is_double ? 8 : 4;
+    const bool by_rows = m > n;
+    parallel_for(by_rows ? m : n, threads, [=](i64 lo, i64 hi) {
+        if (hi <= lo) return;
+        // rows of op(A) and C, or columns of op(B) and C
+        const char* pa = static_cast<const char*>(a);
+        const char* pb = static_cast<const char*>(b);
+        char* pc = static_cast<char*>(c);
+        i64 mm = m, nn = n;
+        if (by_rows) {
+            pa += (trans_a ? lo : lo * lda) * size;
+            pc += lo * ldc * size;
+            mm = hi - lo;
+        } else {
+            pb += (trans_b ? lo * ldb : lo) * size;
+            pc += lo * size;
+            nn = hi - lo;
+        }
+        if (is_double)
+            reinterpret_cast<Dgemm>(gemm)(101, ta, tb, mm, nn, k, 1.0,
+                                          reinterpret_cast<const double*>(pa), lda,
+                                          reinterpret_cast<const double*>(pb), ldb, beta,
+                                          reinterpret_cast<double*>(pc), ldc);
+        else
+            reinterpret_cast<Sgemm>(gemm)(101, ta, tb, mm, nn, k, 1.0f,
+                                          reinterpret_cast<const float*>(pa), lda,
+                                          reinterpret_cast<const float*>(pb), ldb,
+                                          static_cast<float>(beta), reinterpret_cast<float*>(pc),
+                                          ldc);
+    });
 }

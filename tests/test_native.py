@@ -184,3 +184,38 @@ def test_maxpool_loops_match_numpy(both, shape, kernel, stride, padding):
     np.testing.assert_allclose(cpu.backprop_maxpool2d(dy, index, shape, kernel, stride, padding),
                                numpy_only(cpu.backprop_maxpool2d, dy, index_ref, shape, kernel,
                                           stride, padding), rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-12)])
+@pytest.mark.parametrize("m, k, n", [(300, 70, 90), (90, 70, 300), (1, 5, 1), (128, 784, 512)])
+def test_gemm_on_gpunets_threads_matches_matmul(dtype, tol, m, k, n):
+    """Rows or columns cut among threads (a low threshold forces it), operands contiguous,
+    transposed views or neither (copied)."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.GEMM_PARALLEL_MIN, cpu.threads = 1, 2
+    a, b = R.normal(size=(m, k)).astype(dtype), R.normal(size=(k, n)).astype(dtype)
+    want = a @ b
+    for lhs, ta in ((a, False), (np.ascontiguousarray(a.T), True), (a.T.copy().T, False)):
+        for rhs, tb in ((b, False), (np.ascontiguousarray(b.T), True),
+                        (np.asfortranarray(b), False)):
+            got = cpu.gemm(lhs, rhs, trans_a=ta, trans_b=tb)
+            assert got.dtype == dtype and got.shape == (m, n)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * k)
+    strided = np.repeat(a, 2, axis=1)[:, ::2]  # neither rows nor columns contiguous: copied
+    np.testing.assert_allclose(cpu.gemm(strided, b), want, rtol=tol, atol=tol * k)
+
+
+@needs_native
+def test_a_forked_child_runs_the_loops_on_its_own_thread():
+    """The pool's workers do not survive fork(): a child must not wait for them."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.threads = 2
+    x = f32(512, 256)
+    cpu.relu(x)  # the pool has started in this process
+    code = os.fork()
+    if code == 0:  # the child: exit 0 if the loop finishes and is right
+        ok = np.array_equal(cpu.relu(x), np.maximum(x, 0))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(code, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -44,6 +44,10 @@ class Blas:
                            ptr, i64, ptr, i64, real, ptr, i64]
             fn.restype = None
 
+    def pointer(self, dtype: Any) -> int:
+        """The address of the GEMM for ``dtype`` (float32 or float64), for compiled code."""
+        return ctypes.cast(self._fn[np.dtype(dtype)], ctypes.c_void_p).value
+
     def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, beta: float = 0.0,
              trans_a: bool = False, trans_b: bool = False) -> np.ndarray:
         """``out = op(a) @ op(b) + beta out``, ``op`` an optional transpose; returns ``out``."""

@@ -141,10 +141,43 @@ class CpuBackend(Backend):
         futures = [self._pool.submit(run, s) for s in slices[1:]]
         return [run(slices[0])] + [f.result() for f in futures]
 
+    #: GEMMs of at least this many multiply-adds are cut among threads; smaller ones run on
+    #: one BLAS thread of the calling thread
+    GEMM_PARALLEL_MIN = 1 << 20
+
     def gemm(self, a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
-        """:meth:`Backend.gemm`, after the thread policy has set the BLAS's threads for now."""
-        self._current_threads()
-        return Backend.gemm(self, a, b, trans_a, trans_b)
+        """:meth:`Backend.gemm` on gpunet's threads (:mod:`.native`'s pool): its rows or
+        columns cut among them, each piece one single-threaded call of NumPy's BLAS, so that
+        no BLAS worker spins after it on the cores the next loops need. Where the compiled
+        library or the direct BLAS calls are missing: NumPy's matmul, after the thread policy
+        has set the BLAS's threads for now."""
+        threads = self.threads or self._current_threads()
+        lib, direct = native.library(), blas.BLAS
+        if (lib is None or direct is None or a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype
+                or a.dtype not in (np.float32, np.float64) or 0 in (*a.shape, *b.shape)):
+            return Backend.gemm(self, a, b, trans_a, trans_b)
+        a, trans_a, lda = self._blas_operand(a, trans_a)
+        b, trans_b, ldb = self._blas_operand(b, trans_b)
+        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+        n = b.shape[0] if trans_b else b.shape[1]
+        out = np.empty((m, n), a.dtype)
+        nested = getattr(self._local, "in_part", False)
+        lib.gemm_mt(direct.pointer(a.dtype), a.dtype == np.float64, trans_a, trans_b, m, n, k,
+                    a.ctypes.data, lda, b.ctypes.data, ldb, 0.0, out.ctypes.data, n,
+                    1 if nested or m * n * k < self.GEMM_PARALLEL_MIN else threads)
+        return out
+
+    @staticmethod
+    def _blas_operand(a: Array, trans: bool) -> tuple[Array, bool, int]:
+        """``(a', trans', ld)``: ``a`` as BLAS takes it, rows contiguous (a transposed view
+        is read as its base with the transpose flag turned over; anything else is copied)."""
+        size = a.itemsize
+        if a.strides[1] == size and a.strides[0] >= a.shape[1] * size:
+            return a, trans, a.strides[0] // size
+        if a.strides[0] == size and a.strides[1] >= a.shape[0] * size:
+            return a.T, not trans, a.strides[1] // size
+        a = np.ascontiguousarray(a)
+        return a, trans, a.shape[1]
 
     #: bytes of one piece of :meth:`_in_pieces`: a quarter of the L2 cache, so that the
     #: three or four arrays of a step fit there together
@@ -173,12 +206,23 @@ class CpuBackend(Backend):
     def _f32(*vectors: Array) -> list[Array]:
         return [np.ascontiguousarray(v, dtype=np.float32) for v in vectors]
 
+    #: compiled loops are shared among threads from this much work (elements times the
+    #: operations per element) on: their pool hands out work in about a microsecond
+    NATIVE_PARALLEL_MIN = 1 << 15
+
+    def _native_threads(self, work: int) -> int:
+        """Threads for a compiled loop of ``work``: one within a part of :meth:`_parallel`
+        (the other threads have parts of their own) or for little work, else :attr:`threads`
+        or the thread policy's count now."""
+        if getattr(self._local, "in_part", False) or work < self.NATIVE_PARALLEL_MIN:
+            return 1
+        return self.threads or self._current_threads()
+
     def relu(self, x: Array) -> Array:
         y = np.empty_like(x)
         if native.usable(x):
-            lib, flat = native.library(), x.reshape(-1)
-            self._parallel(flat, lambda s: lib.relu(x.ctypes.data, y.ctypes.data, s.start,
-                                                    s.stop))
+            native.library().relu_mt(x.ctypes.data, y.ctypes.data, x.size,
+                                     self._native_threads(x.size))
         else:
             self._parallel(x, lambda s: np.maximum(x[s], 0, out=y[s]))
         return y
@@ -186,45 +230,40 @@ class CpuBackend(Backend):
     def backprop_relu(self, dy: Array, x: Array) -> Array:
         dx = np.empty_like(dy)
         if native.usable(dy, x):
-            lib, flat = native.library(), x.reshape(-1)
-            self._parallel(flat, lambda s: lib.relu_backward(
-                dy.ctypes.data, x.ctypes.data, dx.ctypes.data, s.start, s.stop))
+            native.library().relu_backward_mt(dy.ctypes.data, x.ctypes.data, dx.ctypes.data,
+                                              x.size, self._native_threads(x.size))
         else:
             self._in_pieces(x, lambda s: np.multiply(dy[s], x[s] > 0, out=dx[s]))
         return dx
 
     def _channel_sums(self, fn: str, arrays: Sequence[Array], vectors: Sequence[Array],
                       outputs: int) -> list[Array]:
-        """``outputs`` per-channel sums of compiled loop ``fn`` over samples, in double,
-        each thread's part summed, returned in float32."""
-        lib, (_, c, hw) = native.library(), self._nchw(arrays[0])
-        vectors = self._f32(*vectors)
-
-        def part(s: slice) -> list[Array]:
-            out = [np.empty(c) for _ in range(outputs)]
-            getattr(lib, fn)(*(a.ctypes.data for a in arrays), s.start, s.stop, c, hw,
-                             *(v.ctypes.data for v in vectors), *(o.ctypes.data for o in out))
-            return out
-        parts = self._parallel(arrays[0], part)
-        return [sum(p[i] for p in parts).astype(np.float32) for i in range(outputs)]
+        """``outputs`` per-channel sums of compiled loop ``fn`` (in double, the threads'
+        parts added in order), in float32."""
+        (n, c, hw), vectors = self._nchw(arrays[0]), self._f32(*vectors)
+        out = np.empty((outputs, c))
+        getattr(native.library(), fn)(*(a.ctypes.data for a in arrays), n, c, hw,
+                                      *(v.ctypes.data for v in vectors), out.ctypes.data,
+                                      self._native_threads(arrays[0].size))
+        return list(out.astype(np.float32))
 
     def channel_sum(self, x: Array) -> Array:
         if native.usable(x):
-            return self._channel_sums("channel_sum", [x], [], 1)[0]
+            return self._channel_sums("channel_sum_mt", [x], [], 1)[0]
         return sum(self._parallel(x, lambda s: Backend.channel_sum(self, x[s])))
 
     def channel_sq_dev(self, x: Array, mean: Array) -> Array:
         if native.usable(x):
-            return self._channel_sums("channel_sq_dev", [x], [mean], 1)[0]
+            return self._channel_sums("channel_sq_dev_mt", [x], [mean], 1)[0]
         return sum(self._in_pieces(x, lambda s: Backend.channel_sq_dev(self, x[s], mean)))
 
     def batchnorm_apply(self, x: Array, mean: Array, scale: Array, shift: Array) -> Array:
         y = np.empty_like(x)
         if native.usable(x):
-            lib, (_, c, hw) = native.library(), self._nchw(x)
-            v = self._f32(mean, scale, shift)
-            self._parallel(x, lambda s: lib.batchnorm_apply(
-                x.ctypes.data, y.ctypes.data, s.start, s.stop, c, hw, *(a.ctypes.data for a in v)))
+            (n, c, hw), v = self._nchw(x), self._f32(mean, scale, shift)
+            native.library().batchnorm_apply_mt(x.ctypes.data, y.ctypes.data, n, c, hw,
+                                                *(a.ctypes.data for a in v),
+                                                self._native_threads(x.size))
             return y
         mean, scale, shift = (self._per_channel(v, x.ndim) for v in (mean, scale, shift))
 
@@ -237,7 +276,7 @@ class CpuBackend(Backend):
 
     def _batchnorm_sums(self, dy: Array, x: Array, mean: Array) -> tuple[Array, Array]:
         if native.usable(dy, x):
-            sum_dy, sum_dyc = self._channel_sums("batchnorm_sums", [dy, x], [mean], 2)
+            sum_dy, sum_dyc = self._channel_sums("batchnorm_sums_mt", [dy, x], [mean], 2)
             return sum_dy, sum_dyc
         parts = self._in_pieces(x, lambda s: Backend._batchnorm_sums(self, dy[s], x[s], mean))
         return sum(a for a, _ in parts), sum(b for _, b in parts)
@@ -246,11 +285,10 @@ class CpuBackend(Backend):
                       shift: Array) -> Array:
         dx = np.empty_like(dy)
         if native.usable(dy, x):
-            lib, (_, c, hw) = native.library(), self._nchw(x)
-            v = self._f32(mean, k, coef, shift)
-            self._parallel(x, lambda s: lib.batchnorm_dx(
-                dy.ctypes.data, x.ctypes.data, dx.ctypes.data, s.start, s.stop, c, hw,
-                *(a.ctypes.data for a in v)))
+            (n, c, hw), v = self._nchw(x), self._f32(mean, k, coef, shift)
+            native.library().batchnorm_dx_mt(dy.ctypes.data, x.ctypes.data, dx.ctypes.data,
+                                             n, c, hw, *(a.ctypes.data for a in v),
+                                             self._native_threads(x.size))
             return dx
         mean, k, coef, shift = (self._per_channel(v, x.ndim) for v in (mean, k, coef, shift))
 
@@ -270,9 +308,8 @@ class CpuBackend(Backend):
         n, c, h, w = x.shape
         y = np.empty((n, c, h // 2, w // 2), np.float32)
         index = np.empty((n, c, h // 2, w // 2), np.int32)
-        lib, planes = native.library(), x.reshape(n * c, h * w)
-        self._parallel(planes, lambda s: lib.maxpool2x2_forward(
-            x.ctypes.data, y.ctypes.data, index.ctypes.data, s.start, s.stop, h, w))
+        native.library().maxpool2x2_forward_mt(x.ctypes.data, y.ctypes.data, index.ctypes.data,
+                                               n * c, h, w, self._native_threads(x.size))
         return y, index
 
     def backprop_maxpool2d(self, dy: Array, index: Array, x_shape: Sequence[int],
@@ -282,35 +319,35 @@ class CpuBackend(Backend):
             return Backend.backprop_maxpool2d(self, dy, index, x_shape, kernel, stride, padding)
         (n, c, h, w), (ho, wo) = x_shape, dy.shape[2:]
         dx = np.empty(x_shape, np.float32)
-        lib, planes = native.library(), dx.reshape(n * c, h * w)
-        self._parallel(planes, lambda s: lib.maxpool_backward(
-            dy.ctypes.data, index.ctypes.data, dx.ctypes.data, s.start, s.stop, h, w, kernel[1],
-            *stride, *padding, ho, wo))
+        native.library().maxpool_backward_mt(dy.ctypes.data, index.ctypes.data, dx.ctypes.data,
+                                             n * c, h, w, kernel[1], *stride, *padding, ho, wo,
+                                             self._native_threads(dx.size))
         return dx
 
     def sgd_update(self, w: Array, g: Array, buf: Array | None, lr: float, momentum: float = 0.0,
                    weight_decay: float = 0.0, nesterov: bool = False) -> None:
         if not native.usable(w, g, *([] if buf is None else [buf])):
             return Backend.sgd_update(self, w, g, buf, lr, momentum, weight_decay, nesterov)
-        native.library().sgd_update(w.ctypes.data, g.ctypes.data,
-                                    None if buf is None else buf.ctypes.data, w.size, lr,
-                                    momentum, weight_decay, int(nesterov))
+        native.library().sgd_update_mt(w.ctypes.data, g.ctypes.data,
+                                       None if buf is None else buf.ctypes.data, w.size, lr,
+                                       momentum, weight_decay, int(nesterov),
+                                       self._native_threads(w.size))
 
     def lstm_cell_forward(self, xg: Array, hg: Array, c_prev: Array, acts: Array, c: Array,
                           h: Array) -> None:
         if not native.usable(xg, hg, c_prev, acts, c, h):
             return Backend.lstm_cell_forward(self, xg, hg, c_prev, acts, c, h)
-        native.library().lstm_cell_forward(xg.ctypes.data, hg.ctypes.data, c_prev.ctypes.data,
-                                           acts.ctypes.data, c.ctypes.data, h.ctypes.data,
-                                           0, c.shape[0], c.shape[1])
+        native.library().lstm_cell_forward_mt(xg.ctypes.data, hg.ctypes.data, c_prev.ctypes.data,
+                                              acts.ctypes.data, c.ctypes.data, h.ctypes.data,
+                                              *c.shape, self._native_threads(8 * acts.size))
 
     def lstm_cell_backward(self, dy: Array, dh_rec: Array, dc_next: Array, acts: Array,
                            c_prev: Array, c: Array, dz: Array, dc_prev: Array) -> None:
         arrays = (dy, dh_rec, dc_next, acts, c_prev, c, dz, dc_prev)
         if not native.usable(*arrays):
             return Backend.lstm_cell_backward(self, *arrays)
-        native.library().lstm_cell_backward(*(a.ctypes.data for a in arrays), 0, c.shape[0],
-                                            c.shape[1])
+        native.library().lstm_cell_backward_mt(*(a.ctypes.data for a in arrays), *c.shape,
+                                               self._native_threads(8 * acts.size))
 
     def _scratch(self, name: str, shape: Sequence[int], dtype: Any) -> Array:
         """A buffer of this thread's, reused from call to call: a fresh multi-megabyte array
@@ -504,10 +541,9 @@ class CpuBackend(Backend):
         (top, left), (hp, wp) = at, size
         buf = self._scratch(name, (c, n * hp * wp + tail), x.dtype)
         if native.usable(x):
-            lib = native.library()
-            self._parallel(buf, lambda s: lib.to_channel_major(
-                x.ctypes.data, buf.ctypes.data, n, c, h, w, top, left, hp, wp, tail, s.start,
-                s.stop))
+            native.library().to_channel_major_mt(x.ctypes.data, buf.ctypes.data, n, c, h, w,
+                                                 top, left, hp, wp, tail,
+                                                 self._native_threads(buf.size))
             return buf
 
         def part(s: slice) -> None:
@@ -539,10 +575,10 @@ class CpuBackend(Backend):
         frame (plus ``bias`` per channel, in the same pass), split over samples."""
         n, o, ho, wo = y.shape
         if native.usable(out, y) and (bias is None or bias.dtype == np.float32):
-            lib, b = native.library(), None if bias is None else self._f32(bias)[0]
-            self._parallel(y, lambda s: lib.from_channel_major(
-                out.ctypes.data, y.ctypes.data, n, o, *frame, ho, wo,
-                None if b is None else b.ctypes.data, s.start, s.stop))
+            b = None if bias is None else self._f32(bias)[0]
+            native.library().from_channel_major_mt(out.ctypes.data, y.ctypes.data, n, o, *frame,
+                                                   ho, wo, None if b is None else b.ctypes.data,
+                                                   self._native_threads(y.size))
             return
         src = out.reshape(o, n, *frame)[:, :, :ho, :wo]
 
@@ -579,41 +615,25 @@ class CpuBackend(Backend):
         return (tuple(stride) == (1, 1) and c * o <= self.DIRECT_MAX_CHANNELS
                 and native.usable(x))
 
-    def _direct_parts(self, x: Array, weight: Array, fn: Callable[[slice], Any]) -> list[Any]:
-        """``fn`` over parts of the batch, one per thread, each with a padded-sample scratch
-        of its own; split whenever the arithmetic (not the input's size) is big enough."""
-        return self._split(x.shape[0], x.size * weight.shape[0] * weight[0, 0].size, fn)
-
     def _conv_direct(self, x: Array, weight: Array, bias: Array | None,
                      padding: Sequence[int]) -> Array:
         (n, c, h, w), (o, _, kh, kw), (ph, pw) = x.shape, weight.shape, padding
         y = np.empty((n, o, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1), np.float32)
-        wt, b = np.ascontiguousarray(weight, np.float32), None
-        if bias is not None:
-            b = np.ascontiguousarray(bias, np.float32)
-        lib = native.library()
-
-        def part(s: slice) -> None:
-            pad = self._scratch("direct-pad", (c * (h + 2 * ph) * (w + 2 * pw),), np.float32)
-            lib.conv_direct_forward(x.ctypes.data, wt.ctypes.data,
-                                    None if b is None else b.ctypes.data, y.ctypes.data,
-                                    pad.ctypes.data, s.start, s.stop, c, h, w, o, kh, kw, ph, pw)
-        self._direct_parts(x, weight, part)
+        wt = np.ascontiguousarray(weight, np.float32)
+        b = None if bias is None else np.ascontiguousarray(bias, np.float32)
+        native.library().conv_direct_forward_mt(
+            x.ctypes.data, wt.ctypes.data, None if b is None else b.ctypes.data, y.ctypes.data,
+            n, c, h, w, o, kh, kw, ph, pw, self._native_threads(y.size * c * kh * kw))
         return y
 
     def _backprop_direct(self, dy: Array, x: Array, weight: Array, padding: Sequence[int],
                          bias: bool, input_grad: bool) -> tuple[Array | None, Array, Array | None]:
         (n, c, h, w), (o, _, kh, kw), (ph, pw) = x.shape, weight.shape, padding
         dy = np.ascontiguousarray(dy, np.float32)
-        lib = native.library()
-
-        def part(s: slice) -> Array:
-            pad = self._scratch("direct-pad", (c * (h + 2 * ph) * (w + 2 * pw),), np.float32)
-            dweight = np.empty(weight.shape, np.float32)
-            lib.conv_direct_dweight(x.ctypes.data, dy.ctypes.data, dweight.ctypes.data,
-                                    pad.ctypes.data, s.start, s.stop, c, h, w, o, kh, kw, ph, pw)
-            return dweight
-        dweight = sum(self._direct_parts(x, weight, part))
+        dweight = np.empty(weight.shape, np.float32)
+        native.library().conv_direct_dweight_mt(x.ctypes.data, dy.ctypes.data,
+                                                dweight.ctypes.data, n, c, h, w, o, kh, kw, ph,
+                                                pw, self._native_threads(dy.size * c * kh * kw))
         dx = None
         if input_grad:  # the correlation of dy, padded by k - 1 - p, with the flipped kernel
             flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))

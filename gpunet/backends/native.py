@@ -23,28 +23,31 @@ from typing import Any
 import numpy as np
 
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
-         "-fvisibility=hidden")
-_FLOAT_P, _DOUBLE_P, _I64 = (ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_double),
-                             ctypes.c_int64)
+         "-fvisibility=hidden", "-pthread")
+_I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 #: each function's argument types (pointers as void*: arrays pass their .ctypes.data)
 SIGNATURES: dict[str, tuple[Any, ...]] = {
-    "channel_sum": (_P, _I64, _I64, _I64, _I64, _P),
-    "channel_sq_dev": (_P, _I64, _I64, _I64, _I64, _P, _P),
-    "batchnorm_apply": (_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
-    "batchnorm_sums": (_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
-    "batchnorm_dx": (_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P),
-    "relu": (_P, _P, _I64, _I64),
-    "relu_backward": (_P, _P, _P, _I64, _I64),
-    "lstm_cell_forward": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
-    "lstm_cell_backward": (_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
-    "to_channel_major": (_P, _P, *(_I64,) * 11),
-    "from_channel_major": (_P, _P, *(_I64,) * 6, _P, _I64, _I64),
-    "maxpool2x2_forward": (_P, _P, _P, *(_I64,) * 4),
-    "maxpool_backward": (_P, _P, _P, *(_I64,) * 11),
-    "conv_direct_forward": (_P, _P, _P, _P, _P, *(_I64,) * 10),
-    "conv_direct_dweight": (_P, _P, _P, _P, *(_I64,) * 10),
-    "sgd_update": (_P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I64),
+    # every loop over the whole batch, its last argument the number of threads to share it
+    "relu_mt": (_P, _P, _I64, _I64),
+    "relu_backward_mt": (_P, _P, _P, _I64, _I64),
+    "channel_sum_mt": (_P, _I64, _I64, _I64, _P, _I64),
+    "channel_sq_dev_mt": (_P, _I64, _I64, _I64, _P, _P, _I64),
+    "batchnorm_sums_mt": (_P, _P, _I64, _I64, _I64, _P, _P, _I64),
+    "batchnorm_apply_mt": (_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64),
+    "batchnorm_dx_mt": (_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64),
+    "maxpool2x2_forward_mt": (_P, _P, _P, _I64, _I64, _I64, _I64),
+    "maxpool_backward_mt": (_P, _P, _P, *(_I64,) * 11),
+    "to_channel_major_mt": (_P, _P, *(_I64,) * 10),
+    "from_channel_major_mt": (_P, _P, *(_I64,) * 6, _P, _I64),
+    "conv_direct_forward_mt": (_P, _P, _P, _P, *(_I64,) * 10),
+    "conv_direct_dweight_mt": (_P, _P, _P, *(_I64,) * 10),
+    "sgd_update_mt": (_P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I64,
+                      _I64),
+    "lstm_cell_forward_mt": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
+    "lstm_cell_backward_mt": (_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
+    "gemm_mt": (_P, *(_I64,) * 6, _P, _I64, _P, _I64, ctypes.c_double, _P, _I64, _I64),
+    "pool_start": (_I64, _P),
 }
 
 _lock = threading.Lock()
@@ -98,6 +101,11 @@ def _build() -> tuple[Any, str]:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = list(argtypes), None
+    from . import blas
+    from .. import threads
+    local = None if blas.BLAS is None else blas.BLAS.local_threads
+    lib.pool_start(threads.env_maximum(), None if local is None
+                   else ctypes.cast(local, ctypes.c_void_p).value)
     return lib, str(target)
 
 
