@@ -397,6 +397,15 @@ def info(args: argparse.Namespace) -> int:
     found = shutil.which(cxx)
     print(f"emulator: C++ compiler {cxx} ({found})" if found else
           f"emulator: unavailable, no C++ compiler ({cxx!r} not found; install g++ or set CXX)")
+    from . import threads
+    from .backends import blas, native
+    print(f"cpu loops: {native.status()}")
+    print("cpu blas: " + (f"direct CBLAS calls into {blas.BLAS.path}" if blas.BLAS is not None
+                          else "NumPy's matmul (no 64-bit CBLAS symbols found, or "
+                               "GPUNET_CPU_BLAS=numpy)"))
+    policy = os.environ.get("GPUNET_THREAD_POLICY", "").strip() or "adaptive"
+    print(f"cpu threads: {threads.get_num_threads()} of at most {threads.env_maximum()} "
+          f"({policy} policy)")
     files = kernel_files()
     print(f"kernels: {len(files)} file(s) in {files[0].parent if files else 'kernels/'}")
     try:

@@ -219,3 +219,21 @@ def test_a_forked_child_runs_the_loops_on_its_own_thread():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(code, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@needs_native
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-12)])
+def test_gemm_acc_adds_into_its_output(dtype, tol):
+    """A weight gradient added in place by one GEMM with beta = 1, cut among threads."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.GEMM_PARALLEL_MIN, cpu.threads = 1, 2
+    dy, x = R.normal(size=(64, 30)).astype(dtype), R.normal(size=(64, 50)).astype(dtype)
+    grad = R.normal(size=(30, 50)).astype(dtype)
+    want = grad + dy.T @ x
+    cpu.gemm_acc(grad, dy, x, trans_a=True)
+    np.testing.assert_allclose(grad, want, rtol=tol, atol=tol * 64)
+    with pytest.raises(ValueError, match=r"gemm_acc: the product is \(30, 50\), out is \(50, 30\)"):
+        cpu.gemm_acc(np.zeros((50, 30), dtype), dy, x, trans_a=True)
+    strided = np.zeros((30, 100), dtype)[:, ::2]  # not contiguous: the generic add
+    cpu.gemm_acc(strided, dy, x, trans_a=True)
+    np.testing.assert_allclose(strided, dy.T @ x, rtol=tol, atol=tol * 64)

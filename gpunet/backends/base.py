@@ -158,6 +158,11 @@ class Backend:
         """``op(a) @ op(b)`` with ``op`` an optional transpose; one BLAS call, no copies."""
         return (a.T if trans_a else a) @ (b.T if trans_b else b)
 
+
+    def gemm_acc(self, out: Array, a: Array, b: Array, trans_a: bool = False,
+                 trans_b: bool = False) -> None:
+        """``out += op(a) @ op(b)``, in place: how a layer adds a weight gradient."""
+        out += self.gemm(a, b, trans_a, trans_b)
     def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
         return x.sum(axis=axis, keepdims=keepdims)
 

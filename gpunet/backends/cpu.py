@@ -167,6 +167,28 @@ class CpuBackend(Backend):
                     1 if nested or m * n * k < self.GEMM_PARALLEL_MIN else threads)
         return out
 
+    def gemm_acc(self, out: Array, a: Array, b: Array, trans_a: bool = False,
+                 trans_b: bool = False) -> None:
+        """:meth:`Backend.gemm_acc` as one GEMM with ``beta = 1`` into ``out`` on gpunet's
+        threads (no product array, no second pass), where :meth:`gemm` calls the BLAS."""
+        lib, direct = native.library(), blas.BLAS
+        if (lib is None or direct is None or a.ndim != 2 or b.ndim != 2 or out.ndim != 2
+                or not a.dtype == b.dtype == out.dtype
+                or out.dtype not in (np.float32, np.float64)
+                or not out.flags.c_contiguous or 0 in (*a.shape, *b.shape)):
+            return Backend.gemm_acc(self, out, a, b, trans_a, trans_b)
+        a, trans_a, lda = self._blas_operand(a, trans_a)
+        b, trans_b, ldb = self._blas_operand(b, trans_b)
+        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+        n = b.shape[0] if trans_b else b.shape[1]
+        if out.shape != (m, n):
+            raise ValueError(f"gemm_acc: the product is {(m, n)}, out is {out.shape}")
+        nested = getattr(self._local, "in_part", False)
+        lib.gemm_mt(direct.pointer(out.dtype), out.dtype == np.float64, trans_a, trans_b, m, n,
+                    k, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, n,
+                    1 if nested or m * n * k < self.GEMM_PARALLEL_MIN
+                    else self.threads or self._current_threads())
+
     @staticmethod
     def _blas_operand(a: Array, trans: bool) -> tuple[Array, bool, int]:
         """``(a', trans', ld)``: ``a`` as BLAS takes it, rows contiguous (a transposed view
@@ -441,10 +463,11 @@ class CpuBackend(Backend):
                         input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
         """As :meth:`Backend.backprop_conv2d`, blocked over samples, from the saved ``x``."""
         (o, c, kh, kw), (ho, wo) = weight.shape, dy.shape[2:]
-        if self._shifts(x, stride, c) and (not input_grad or (
-                o >= self.SHIFT_MIN_CHANNELS and min(kh - 1 - padding[0], kw - 1 - padding[1]) >= 0)):
+        flips = min(kh - 1 - padding[0], kw - 1 - padding[1]) >= 0  # dx as a correlation
+        if self._shifts(x, stride, c) and (not input_grad
+                                           or (o >= self.SHIFT_MIN_CHANNELS and flips)):
             return self._backprop_shifted(dy, x, weight, padding, bias, input_grad)
-        if self._direct(x, stride, c, o) and min(kh - 1 - padding[0], kw - 1 - padding[1]) >= 0:
+        if self._direct(x, stride, c, o) and flips:
             return self._backprop_direct(dy, x, weight, padding, bias, input_grad)
         w2 = weight.reshape(o, -1)
         ph, pw = kh - 1 - padding[0], kw - 1 - padding[1]

@@ -330,8 +330,8 @@ class AdditiveAttention(Layer):
         dpre = ops.backprop_tanh(dscores[..., None] * self.v.data, z)  # (N, T, S, h)
         dpq = ops.sum(dpre, axis=2).swapaxes(0, 1).reshape(-1, h)  # (T N, h), rows of q2
         dpk = ops.sum(dpre, axis=1).swapaxes(0, 1).reshape(-1, h)  # (S N, h), rows of k2
-        self.query_weight.grad += ops.gemm(dpq, q2, trans_a=True)
-        self.key_weight.grad += ops.gemm(dpk, k2, trans_a=True)
+        ops.gemm_acc(self.query_weight.grad, dpq, q2, trans_a=True)
+        ops.gemm_acc(self.key_weight.grad, dpk, k2, trans_a=True)
         if not self.input_grad:
             return [None, None, None]
         return [ops.gemm(dpq, self.query_weight.data).reshape(steps, batch, self.query_dim),

@@ -52,7 +52,7 @@ class Dense(Layer):
         x2, shape = self.saved()
         self.check_grad(dy, (*shape[:-1], self.out_features))
         dy2 = dy.reshape(-1, self.out_features)
-        self.weight.grad += self.ops.gemm(dy2, x2, trans_a=True)
+        self.ops.gemm_acc(self.weight.grad, dy2, x2, trans_a=True)
         if self.bias is not None:
             self.bias.grad += self.ops.sum(dy2, axis=0)
         if not self.input_grad:

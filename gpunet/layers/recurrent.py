@@ -209,8 +209,8 @@ class RNN(_Recurrent):
             dz[t] = backprop(dy[t] + dh, hs[t + 1])
             dh = ops.gemm(dz[t], self.W_h.data)
         dz2 = dz.reshape(steps * batch, self.hidden_size)
-        self.W_x.grad += ops.gemm(dz2, x2, trans_a=True)
-        self.W_h.grad += ops.gemm(dz2, hs[:steps].reshape(steps * batch, -1), trans_a=True)
+        ops.gemm_acc(self.W_x.grad, dz2, x2, trans_a=True)
+        ops.gemm_acc(self.W_h.grad, dz2, hs[:steps].reshape(steps * batch, -1), trans_a=True)
         self.b.grad += ops.sum(dz2, axis=0)
         dx = ops.gemm(dz2, self.W_x.data).reshape(steps, batch, -1) if self.input_grad else None
         return self._input_grads([dx], [dh], form)
@@ -282,8 +282,8 @@ class LSTM(_Recurrent):
             ops.lstm_cell_backward(dy[t], dh, dc, acts[t], cs[t], cs[t + 1], dz[t], dc_prev)
             dh, dc = ops.gemm(dz[t], self.W_h.data), dc_prev
         dz2 = dz.reshape(steps * batch, 4 * h)
-        self.W_x.grad += ops.gemm(dz2, x2, trans_a=True)
-        self.W_h.grad += ops.gemm(dz2, hs[:steps].reshape(steps * batch, h), trans_a=True)
+        ops.gemm_acc(self.W_x.grad, dz2, x2, trans_a=True)
+        ops.gemm_acc(self.W_h.grad, dz2, hs[:steps].reshape(steps * batch, h), trans_a=True)
         self.b.grad += ops.sum(dz2, axis=0)
         dx = ops.gemm(dz2, self.W_x.data).reshape(steps, batch, -1) if self.input_grad else None
         return self._input_grads([dx], [dh, dc], form)
@@ -353,8 +353,8 @@ class GRU(_Recurrent):
             dhg[t, :, 2 * h:] = dn * r
             dh = g * z + ops.gemm(dhg[t], self.W_h.data)
         dxg2, dhg2 = dxg.reshape(steps * batch, 3 * h), dhg.reshape(steps * batch, 3 * h)
-        self.W_x.grad += ops.gemm(dxg2, x2, trans_a=True)
-        self.W_h.grad += ops.gemm(dhg2, hs[:steps].reshape(steps * batch, h), trans_a=True)
+        ops.gemm_acc(self.W_x.grad, dxg2, x2, trans_a=True)
+        ops.gemm_acc(self.W_h.grad, dhg2, hs[:steps].reshape(steps * batch, h), trans_a=True)
         self.b_x.grad += ops.sum(dxg2, axis=0)
         self.b_h.grad += ops.sum(dhg2, axis=0)
         dx = ops.gemm(dxg2, self.W_x.data).reshape(steps, batch, -1) if self.input_grad else None
@@ -431,13 +431,13 @@ class MultiplicativeRNN(_Recurrent):
             dh = ops.gemm(dfh[t], self.W_fh.data)
         n = steps * batch
         dz2, dfx2, dfh2 = dz.reshape(n, h), dfx.reshape(n, f), dfh.reshape(n, f)
-        self.W_hf.grad += ops.gemm(dz2, fs.reshape(n, f), trans_a=True)
-        self.W_fh.grad += ops.gemm(dfh2, hs[:steps].reshape(n, h), trans_a=True)
+        ops.gemm_acc(self.W_hf.grad, dz2, fs.reshape(n, f), trans_a=True)
+        ops.gemm_acc(self.W_fh.grad, dfh2, hs[:steps].reshape(n, h), trans_a=True)
         self.b.grad += ops.sum(dz2, axis=0)
         dxs = []
         for x2, w_fx, w_x in zip(x2s, self.W_fx, self.W_x):
-            w_x.grad += ops.gemm(dz2, x2, trans_a=True)
-            w_fx.grad += ops.gemm(dfx2, x2, trans_a=True)
+            ops.gemm_acc(w_x.grad, dz2, x2, trans_a=True)
+            ops.gemm_acc(w_fx.grad, dfx2, x2, trans_a=True)
             dx = ops.gemm(dz2, w_x.data)
             dx += ops.gemm(dfx2, w_fx.data)
             dxs.append(dx.reshape(steps, batch, -1))
@@ -537,12 +537,12 @@ class Recurrent2D(Layer):
             dq[d, lo + 1:hi + 2] += ops.gemm(g2, self.W_u.data).reshape(k, batch, h)
         # weight gradients, one GEMM each: cell [d + 1, t + 1] read q[d, t] and q[d, t + 1]
         p2 = dpre[1:, 1:].reshape(-1, h)
-        self.W_t.grad += ops.gemm(p2, q[:-1, :-1].reshape(-1, h), trans_a=True)
-        self.W_u.grad += ops.gemm(p2, q[:-1, 1:].reshape(-1, h), trans_a=True)
+        ops.gemm_acc(self.W_t.grad, p2, q[:-1, :-1].reshape(-1, h), trans_a=True)
+        ops.gemm_acc(self.W_u.grad, p2, q[:-1, 1:].reshape(-1, h), trans_a=True)
         self.s0.grad += ops.sum(dq[off], axis=(0, 1))  # s0 stood at every off-grid position
         dxin = dpre[cells].reshape(steps * width * batch, h)
         self.b.grad += ops.sum(dxin, axis=0)
-        self.W_in.grad += ops.gemm(dxin, x2, trans_a=True)
+        ops.gemm_acc(self.W_in.grad, dxin, x2, trans_a=True)
         dx = ops.gemm(dxin, self.W_in.data).reshape(steps, width, batch, self.input_size)
         return dx.transpose(2, 3, 0, 1).copy()
 
