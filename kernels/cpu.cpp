@@ -334,6 +334,82 @@ static void conv_direct_dweight(const float* x, const float* dy, float* dweight,
 }
 
 
+// Stride-1 convolution of few input channels into 8, 16 or 32 output channels, vectorised
+// across the output channels: each output pixel is C kh kw multiply-adds of a weight vector
+// (all O channels of one tap, wt laid out (C, kh, kw, O)) by one input value, Q pixels of a
+// row at a time in registers. Where the column path would copy each input value kh kw times
+// and multiply by a matrix of O rows, and loops along a row of 10 outputs (LeNet's second
+// convolution) waste most of a vector. pad: C Hp Wp + Q floats of scratch.
+template <int O, int Q>
+static void conv_vec_sample(const float* pad, const float* wt, const float* bias, float* y,
+                            i64 c, i64 hp, i64 wp, i64 kh, i64 kw, i64 ho, i64 wo) {
+    for (i64 r = 0; r < ho; ++r)
+        for (i64 q0 = 0; q0 < wo; q0 += Q) {
+            float acc[Q][O];
+            for (int t = 0; t < Q; ++t)
+                for (int m = 0; m < O; ++m) acc[t][m] = bias ? bias[m] : 0.0f;
+            for (i64 k = 0; k < c; ++k)
+                for (i64 i = 0; i < kh; ++i) {
+                    const float* row = pad + (k * hp + r + i) * wp + q0;
+                    for (i64 j = 0; j < kw; ++j) {
+                        const float* wv = wt + ((k * kh + i) * kw + j) * O;
+                        for (int t = 0; t < Q; ++t) {
+                            const float xv = row[t + j];  // past the row for t >= wo - q0: unused
+#pragma omp simd
+                            for (int m = 0; m < O; ++m) acc[t][m] += wv[m] * xv;
+                        }
+                    }
+                }
+            const i64 nq = wo - q0 < Q ? wo - q0 : Q;
+            for (int m = 0; m < O; ++m)
+                for (i64 t = 0; t < nq; ++t) y[(m * ho + r) * wo + q0 + t] = acc[t][m];
+        }
+}
+
+// The weight gradient of one sample, added to dwt (C, kh, kw, O); dyt: its dy as (Ho Wo, O).
+template <int O>
+static void conv_vec_dweight_sample(const float* pad, const float* dyt, float* dwt, i64 c,
+                                    i64 hp, i64 wp, i64 kh, i64 kw, i64 ho, i64 wo) {
+    for (i64 k = 0; k < c; ++k)
+        for (i64 i = 0; i < kh; ++i)
+            for (i64 j = 0; j < kw; ++j) {
+                float acc[O];
+                float* out = dwt + ((k * kh + i) * kw + j) * O;
+                for (int m = 0; m < O; ++m) acc[m] = out[m];
+                for (i64 r = 0; r < ho; ++r) {
+                    const float* row = pad + (k * hp + r + i) * wp + j;
+                    const float* g = dyt + r * wo * O;
+                    for (i64 q = 0; q < wo; ++q) {
+                        const float xv = row[q];
+#pragma omp simd
+                        for (int m = 0; m < O; ++m) acc[m] += g[q * O + m] * xv;
+                    }
+                }
+                for (int m = 0; m < O; ++m) out[m] = acc[m];
+            }
+}
+
+// The adjoint of the stride-1 column matrix over padded rows (CpuBackend._uncolumns): dx of
+// planes [p0, p1) of (N, C) from dcols (C, kh, kw, N, Ro Wp), Ro = Hp - kh + 1: each kernel
+// offset's run added at offset i Wp + j of the padded plane, whose interior is dx.
+static void uncolumns(const float* dcols, float* dx, float* acc, i64 p0, i64 p1, i64 n, i64 c,
+                      i64 h, i64 w, i64 kh, i64 kw, i64 ph, i64 pw) {
+    const i64 hp = h + 2 * ph, wp = w + 2 * pw, run = (hp - kh + 1) * wp;
+    for (i64 p = p0; p < p1; ++p) {
+        const i64 s = p / c, k = p % c;
+        std::memset(acc, 0, sizeof(float) * (hp + 1) * wp);
+        for (i64 i = 0; i < kh; ++i)
+            for (i64 j = 0; j < kw; ++j) {
+                const float* src = dcols + (((k * kh + i) * kw + j) * n + s) * run;
+                float* dst = acc + i * wp + j;
+#pragma omp simd
+                for (i64 q = 0; q < run; ++q) dst[q] += src[q];
+            }
+        for (i64 r = 0; r < h; ++r)
+            std::memcpy(dx + (p * h + r) * w, acc + (r + ph) * wp + pw, sizeof(float) * w);
+    }
+}
+
 // ---- gpunet's CPU threads ------------------------------------------------------------------
 // One pool of worker threads for every loop above and for GEMMs (gemm_mt), each worker's
 // BLAS calls on one BLAS thread. A worker spins SPIN_US after its last job before it sleeps:
@@ -603,5 +679,75 @@ EXPORT void gemm_mt(void* gemm, i64 is_double, i64 trans_a, i64 trans_b, i64 m, 
                                           reinterpret_cast<const float*>(pb), ldb,
                                           static_cast<float>(beta), reinterpret_cast<float*>(pc),
                                           ldc);
+    });
+}
+
+template <int O>
+static void conv_vec_forward_o(const float* x, const float* wt, const float* bias, float* y,
+                               i64 n, i64 c, i64 h, i64 w, i64 kh, i64 kw, i64 ph, i64 pw,
+                               i64 threads) {
+    constexpr int Q = O >= 32 ? 8 : 12;
+    const i64 hp = h + 2 * ph, wp = w + 2 * pw, ho = hp - kh + 1, wo = wp - kw + 1;
+    parallel_for(n, threads, [=](i64 a, i64 b) {
+        std::vector<float> pad(c * hp * wp + Q + kw);
+        for (i64 s = a; s < b; ++s) {
+            pad_sample(x + s * c * h * w, pad.data(), c, h, w, ph, pw, hp, wp);
+            conv_vec_sample<O, Q>(pad.data(), wt, bias, y + s * O * ho * wo, c, hp, wp, kh, kw,
+                                  ho, wo);
+        }
+    });
+}
+
+template <int O>
+static void conv_vec_dweight_o(const float* x, const float* dy, float* dwt, i64 n, i64 c,
+                               i64 h, i64 w, i64 kh, i64 kw, i64 ph, i64 pw, i64 threads) {
+    const i64 hp = h + 2 * ph, wp = w + 2 * pw, ho = hp - kh + 1, wo = wp - kw + 1;
+    const i64 parts = threads < n ? (threads < 1 ? 1 : threads) : n, size = c * kh * kw * O;
+    std::vector<float> partial(parts * size, 0.0f);
+    float* base = partial.data();
+    parallel_for(parts, parts, [=](i64 a, i64 b) {
+        std::vector<float> pad(c * hp * wp + kw), dyt(ho * wo * O);
+        for (i64 k = a; k < b; ++k)
+            for (i64 s = n * k / parts; s < n * (k + 1) / parts; ++s) {
+                pad_sample(x + s * c * h * w, pad.data(), c, h, w, ph, pw, hp, wp);
+                const float* g = dy + s * O * ho * wo;
+                for (int m = 0; m < O; ++m)
+                    for (i64 p = 0; p < ho * wo; ++p) dyt[p * O + m] = g[m * ho * wo + p];
+                conv_vec_dweight_sample<O>(pad.data(), dyt.data(), base + k * size, c, hp, wp,
+                                           kh, kw, ho, wo);
+            }
+    });
+    for (i64 j = 0; j < size; ++j) {
+        float sum = 0.0f;
+        for (i64 k = 0; k < parts; ++k) sum += partial[k * size + j];
+        dwt[j] = sum;
+    }
+}
+
+// The vectorised convolution (conv_vec_sample) for O in {6, 8, 16, 32}; weight as
+// (C, kh, kw, O).
+EXPORT void conv_vec_forward_mt(const float* x, const float* wt, const float* bias, float* y,
+                                i64 n, i64 c, i64 h, i64 w, i64 o, i64 kh, i64 kw, i64 ph,
+                                i64 pw, i64 threads) {
+    if (o == 6) conv_vec_forward_o<6>(x, wt, bias, y, n, c, h, w, kh, kw, ph, pw, threads);
+    if (o == 8) conv_vec_forward_o<8>(x, wt, bias, y, n, c, h, w, kh, kw, ph, pw, threads);
+    if (o == 16) conv_vec_forward_o<16>(x, wt, bias, y, n, c, h, w, kh, kw, ph, pw, threads);
+    if (o == 32) conv_vec_forward_o<32>(x, wt, bias, y, n, c, h, w, kh, kw, ph, pw, threads);
+}
+
+// Its weight gradient, written as (C, kh, kw, O).
+EXPORT void conv_vec_dweight_mt(const float* x, const float* dy, float* dwt, i64 n, i64 c, i64 h,
+                                i64 w, i64 o, i64 kh, i64 kw, i64 ph, i64 pw, i64 threads) {
+    if (o == 6) conv_vec_dweight_o<6>(x, dy, dwt, n, c, h, w, kh, kw, ph, pw, threads);
+    if (o == 8) conv_vec_dweight_o<8>(x, dy, dwt, n, c, h, w, kh, kw, ph, pw, threads);
+    if (o == 16) conv_vec_dweight_o<16>(x, dy, dwt, n, c, h, w, kh, kw, ph, pw, threads);
+    if (o == 32) conv_vec_dweight_o<32>(x, dy, dwt, n, c, h, w, kh, kw, ph, pw, threads);
+}
+
+EXPORT void uncolumns_mt(const float* dcols, float* dx, i64 n, i64 c, i64 h, i64 w, i64 kh,
+                         i64 kw, i64 ph, i64 pw, i64 threads) {
+    parallel_for(n * c, threads, [=](i64 a, i64 b) {
+        std::vector<float> acc((h + 2 * ph + 1) * (w + 2 * pw));
+        uncolumns(dcols, dx, acc.data(), a, b, n, c, h, w, kh, kw, ph, pw);
     });
 }

@@ -409,3 +409,34 @@ def test_cpu_direct_loops_match_the_one_gemm_convolution(shape, out, kernel, pad
     want = reference.backprop_conv2d(dy, cols, shape, w, (1, 1), padding)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(gpunet.backends.native.library() is None,
+                    reason=f"no compiled CPU loops here: {gpunet.backends.native.status()}")
+@pytest.mark.parametrize("shape, out, kernel, padding", [
+    ((3, 6, 14, 14), 16, (5, 5), (0, 0)),   # LeNet's second convolution
+    ((2, 3, 9, 11), 32, (3, 3), (1, 1)),    # an RGB input (weight gradient by columns)
+    ((2, 3, 7, 6), 8, (3, 2), (2, 0)),
+    ((2, 4, 5, 30), 6, (1, 3), (0, 1)),     # a row longer than the loops' register tile
+])
+def test_cpu_vectorised_loops_match_the_one_gemm_convolution(shape, out, kernel, padding):
+    """float32 convolutions of few input channels into 6, 8, 16 or 32 output channels run as
+    loops vectorised across output channels: forward, dweight and dx against the generic
+    code."""
+    cpu = CpuBackend(np, "cpu-test")
+    reference = Backend(np, "reference")
+    x = R.normal(size=shape).astype(np.float32)
+    w = R.normal(size=(out, shape[1], *kernel)).astype(np.float32)
+    b = R.normal(size=out).astype(np.float32)
+    assert cpu._vec(x, (1, 1), shape[1], out) and not cpu._direct(x, (1, 1), shape[1], out)
+    y, saved = cpu.conv2d(x, w, b, (1, 1), padding)
+    y_ref, cols = reference.conv2d(x, w, b, (1, 1), padding)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = R.normal(size=y.shape).astype(np.float32)
+    want = reference.backprop_conv2d(dy, cols, shape, w, (1, 1), padding)
+    for input_grad in (True, False):
+        got = cpu.backprop_conv2d(dy, saved, shape, w, (1, 1), padding, input_grad=input_grad)
+        assert (got[0] is None) == (not input_grad)
+        for g, r in zip(got, want):
+            if g is not None:
+                np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
