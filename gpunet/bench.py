@@ -535,7 +535,8 @@ ISA_VARS: dict[str, dict[str, str]] = {
     "avx2": {"OPENBLAS_CORETYPE": "Haswell",      # NumPy's OpenBLAS (a DYNAMIC_ARCH build)
              "ATEN_CPU_CAPABILITY": "avx2",       # PyTorch's ATen kernels
              "ONEDNN_MAX_CPU_ISA": "AVX2",        # oneDNN (PyTorch's convolutions)
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},  # MKL (PyTorch's GEMMs on x86)
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2",   # MKL (PyTorch's GEMMs on x86)
+             "GPUNET_CPU_ARCH": "haswell"},       # gpunet's compiled loops (-march=haswell)
 }
 #: How results measured under ``--isa`` are labelled.
 ISA_LABELS = {"avx2": "AVX2 kernels forced on an AVX-512 machine (an approximation of an "

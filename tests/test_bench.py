@@ -348,10 +348,12 @@ def test_isolate_children_use_the_users_defaults():
     assert env == {"PATH": "/bin"}  # no OMP_WAIT_POLICY, no OPENBLAS_THREAD_TIMEOUT
 
 
-def test_isa_avx2_sets_the_four_kernel_caps_in_the_childrens_environment():
+def test_isa_avx2_sets_the_kernel_caps_in_the_childrens_environment():
+    """Both frameworks' libraries, and gpunet's compiled loops (built for haswell)."""
     env = bench.child_environment(None, "avx2", {"PATH": "/bin"})
     assert env == {"PATH": "/bin", "OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2",
-                   "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+                   "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                   "GPUNET_CPU_ARCH": "haswell"}
     assert "approximation of an AVX2-only CPU, not one" in bench.ISA_LABELS["avx2"]
 
 

@@ -237,3 +237,13 @@ def test_gemm_acc_adds_into_its_output(dtype, tol):
     strided = np.zeros((30, 100), dtype)[:, ::2]  # not contiguous: the generic add
     cpu.gemm_acc(strided, dy, x, trans_a=True)
     np.testing.assert_allclose(strided, dy.T @ x, rtol=tol, atol=tol * 64)
+
+
+@needs_native
+def test_gpunet_cpu_arch_builds_a_library_of_its_own(tmp_path):
+    """GPUNET_CPU_ARCH=haswell (gpunet bench --isa avx2) builds without AVX-512, apart from
+    the native build in the cache, and its loops give the same results."""
+    native_build = _status_in_child(GPUNET_CACHE_DIR=str(tmp_path))
+    haswell = _status_in_child(GPUNET_CACHE_DIR=str(tmp_path), GPUNET_CPU_ARCH="haswell")
+    assert haswell.startswith("compiled (") and haswell != native_build
+    assert len(list((tmp_path / "cpu").glob("cpu-*.so"))) == 2

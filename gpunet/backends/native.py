@@ -1,7 +1,8 @@
 """The CPU device's compiled float32 loops (``kernels/cpu.cpp``), built on first use.
 
 The source is compiled with the machine's C++ compiler (``$CXX``, default ``g++``, the one the
-CUDA emulator uses) for the machine's own instruction set (``-O3 -march=native``), and kept in
+CUDA emulator uses) for the machine's own instruction set (``-O3 -march=native``; another
+with ``GPUNET_CPU_ARCH``, e.g. ``haswell`` for AVX2 only), and kept in
 ``$GPUNET_CACHE_DIR/cpu`` (else ``~/.cache/gpunet/cpu``) under a hash of the source, the
 compiler, its flags and the CPU's flags, so that a home folder shared by different machines
 holds one library for each. :func:`library` is None, and the CPU device keeps its NumPy code,
@@ -22,8 +23,17 @@ from typing import Any
 
 import numpy as np
 
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
+#: -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
+#: would not turn the selects of tanh and ReLU into vector blends for AVX2 (the LSTM cell
+#: built for haswell: 241 -> 32 us)
+FLAGS = ("-O3", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
          "-fvisibility=hidden", "-pthread")
+
+
+def _arch_flag() -> str:
+    """``-march=$GPUNET_CPU_ARCH``, default ``native`` (``gpunet bench --isa avx2`` builds for
+    ``haswell`` to compare on a machine with AVX-512 as on one without)."""
+    return f"-march={os.environ.get('GPUNET_CPU_ARCH', '').strip() or 'native'}"
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 #: each function's argument types (pointers as void*: arrays pass their .ctypes.data)
@@ -88,14 +98,15 @@ def _build() -> tuple[Any, str]:
     source = _source().read_bytes()
     version = subprocess.run([cxx, "-dumpfullversion", "-dumpmachine"], capture_output=True,
                              text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+    flags = (*FLAGS, _arch_flag())
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:24]
     target = cache_dir() / f"cpu-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            done = subprocess.run([cxx, *FLAGS, "-o", str(out), str(_source())],
+            done = subprocess.run([cxx, *flags, "-o", str(out), str(_source())],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 return None, f"{cxx} failed on {_source().name}: {done.stderr.strip()[-500:]}"
