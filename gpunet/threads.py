@@ -147,6 +147,8 @@ class _Policy:
         return Sample(wall, busy / self.tick, own)
 
     def set_blas(self, n: int) -> None:
+        if _blas_pinned:  # gpunet's own pool cuts the GEMMs: NumPy's BLAS stays on 1 thread
+            return
         if self.blas is not None and n != self.blas_now:
             self.blas.limit(limits=n)
             self.blas_now = n
@@ -154,6 +156,15 @@ class _Policy:
 
 _lock = threading.Lock()
 _policy: _Policy | None = None
+_blas_pinned = False  # see pin_blas
+
+
+def pin_blas() -> None:
+    """From now on NumPy's BLAS runs on one thread and the policy no longer sets its count:
+    called when the CPU device's compiled pool starts, which cuts every GEMM of gpunet's
+    among its own threads (:mod:`gpunet.backends.native`)."""
+    global _blas_pinned
+    _blas_pinned = True
 _count = 1  # the count in use
 _next = -math.inf  # time.monotonic() of the next sample; inf when the count is fixed
 _monotonic = time.monotonic

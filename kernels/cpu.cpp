@@ -415,8 +415,9 @@ static void uncolumns(const float* dcols, float* dx, float* acc, i64 p0, i64 p1,
 }
 
 // ---- gpunet's CPU threads ------------------------------------------------------------------
-// One pool of worker threads for every loop above and for GEMMs (gemm_mt), each worker's
-// BLAS calls on one BLAS thread. A worker spins SPIN_US after its last job before it sleeps:
+// One pool of worker threads for every loop above and for GEMMs (gemm_mt), the BLAS set to
+// one thread when the pool starts (openblas_set_num_threads_local, which in the OpenBLAS
+// NumPy ships sets the whole process's count: gpunet.backends.native). A worker spins SPIN_US after its last job before it sleeps:
 // a dispatch then costs about a microsecond where Python's ThreadPoolExecutor took 88 us on
 // this VM, and no BLAS worker spins on the cores that the loops need (OpenBLAS's spun after
 // every threaded GEMM, and the loops next to them ran at a quarter of their speed).
@@ -465,9 +466,7 @@ void work(Pool* p, i64 id) {
 // thread taking part 0; returns when all are done
 void run_parts(i64 parts, Body body, void* ctx) {
     if (parts <= 1 || pool == nullptr || pool->pid != getpid()) {  // a forked child: no workers
-        const int previous = blas_local_threads ? blas_local_threads(1) : 0;
         body(ctx, 0, 1);
-        if (blas_local_threads) blas_local_threads(previous);
         return;
     }
     std::lock_guard<std::mutex> one(pool->dispatch);
@@ -482,9 +481,7 @@ void run_parts(i64 parts, Body body, void* ctx) {
         pool->generation.fetch_add(1, std::memory_order_acq_rel);
     }
     pool->wake.notify_all();
-    int previous = blas_local_threads ? blas_local_threads(1) : 0;
     body(ctx, 0, parts);
-    if (blas_local_threads) blas_local_threads(previous);
     while (pool->pending.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
 }
 

@@ -247,3 +247,19 @@ def test_gpunet_cpu_arch_builds_a_library_of_its_own(tmp_path):
     haswell = _status_in_child(GPUNET_CACHE_DIR=str(tmp_path), GPUNET_CPU_ARCH="haswell")
     assert haswell.startswith("compiled (") and haswell != native_build
     assert len(list((tmp_path / "cpu").glob("cpu-*.so"))) == 2
+
+
+@needs_native
+def test_the_pool_pins_numpys_blas_to_one_thread_and_the_policy_leaves_it():
+    """The compiled pool cuts gpunet's GEMMs itself: NumPy's OpenBLAS stays on one thread,
+    whatever the policy picks later (set_num_threads included)."""
+    code = ("import numpy as np, gpunet, threadpoolctl\n"
+            "from gpunet.backends import native, blas\n"
+            "assert native.library() is not None and blas.BLAS.local_threads is not None\n"
+            "gpunet.set_num_threads(2)\n"
+            "print([p['num_threads'] for p in threadpoolctl.threadpool_info()"
+            " if p['internal_api'] == 'openblas'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "GPUNET_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    assert set(eval(out.stdout.strip())) == {1}

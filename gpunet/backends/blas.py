@@ -30,9 +30,11 @@ class Blas:
 
     def __init__(self, sgemm: Any, dgemm: Any, path: str, local: Any = None) -> None:
         self.path = path
-        #: ``local_threads(n)``: the BLAS threads of the calling thread's GEMMs from now on,
-        #: returning the previous count (OpenBLAS 0.3.27's openblas_set_num_threads_local);
-        #: None where the library has no such call
+        #: ``local_threads(n)``: OpenBLAS 0.3.27's openblas_set_num_threads_local, returning
+        #: the previous count; None where the library has none. Despite its name it sets the
+        #: count of the whole process in the OpenBLAS NumPy ships (measured: a thread's call
+        #: made the main thread's GEMMs single-threaded), so gpunet calls it once, to 1, when
+        #: its compiled pool starts (:mod:`.native`)
         self.local_threads = None
         if local is not None:
             local.argtypes, local.restype = [ctypes.c_int], ctypes.c_int

@@ -550,25 +550,21 @@ class CpuBackend(Backend):
     def _over_samples(self, n: int, per_sample: int, fn: Callable[[slice], Any]) -> list[Any]:
         """``fn`` over blocks of samples (at most :attr:`SHIFT_BLOCK_BYTES` per buffer),
         the blocks shared among threads, each thread's GEMMs on one BLAS thread; the results
-        in block order. One BLAS thread per gpunet thread: with NumPy's BLAS threading each
-        GEMM instead, its workers spin after every GEMM on the cores that the copies in
-        between need (the bn workload's transposes took 7 ms instead of 1.7 next to them).
-        Where the BLAS cannot set a thread's own count, the blocks run in turn here."""
+        in block order. One BLAS thread per gpunet thread (NumPy's BLAS is set to one thread
+        when the compiled pool starts, :mod:`.native`): with NumPy's BLAS threading each GEMM
+        instead, its workers spin after every GEMM on the cores that the copies in between
+        need (the bn workload's transposes took 7 ms instead of 1.7 next to them). Without
+        the compiled pool, or a BLAS whose count gpunet cannot set, the blocks run in turn."""
         step = max(1, self.SHIFT_BLOCK_BYTES // max(per_sample, 1))
         return self._over_blocks([slice(s, min(s + step, n)) for s in range(0, n, step)], fn)
 
     def _over_blocks(self, blocks: list[slice], fn: Callable[[slice], Any]) -> list[Any]:
         """:meth:`_over_samples` over the given blocks."""
-        local = None if blas.BLAS is None else blas.BLAS.local_threads
-        if local is None:
-            return [fn(b) for b in blocks]
+        if native.library() is None or blas.BLAS is None or blas.BLAS.local_threads is None:
+            return [fn(b) for b in blocks]  # NumPy's BLAS keeps its threads: blocks in turn
 
         def part(s: slice) -> list[Any]:
-            previous = local(1)
-            try:
-                return [fn(blocks[i]) for i in range(s.start, s.stop)]
-            finally:
-                local(previous)
+            return [fn(blocks[i]) for i in range(s.start, s.stop)]
         return [r for rs in self._split(len(blocks), self.PARALLEL_MIN, part) for r in rs]
 
     def _channel_major(self, name: str, x: Array, at: Sequence[int], size: Sequence[int],

@@ -120,6 +120,12 @@ def _build() -> tuple[Any, str]:
     local = None if blas.BLAS is None else blas.BLAS.local_threads
     lib.pool_start(threads.env_maximum(), None if local is None
                    else ctypes.cast(local, ctypes.c_void_p).value)
+    if local is not None:
+        # openblas_set_num_threads_local acts on the whole process in the OpenBLAS NumPy
+        # ships (measured: a worker's call made the main thread's GEMMs single-threaded):
+        # NumPy's BLAS is on one thread from here on, and gpunet's pool runs its GEMMs
+        local(1)
+        threads.pin_blas()
     return lib, str(target)
 
 
