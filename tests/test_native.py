@@ -263,3 +263,14 @@ def test_the_pool_pins_numpys_blas_to_one_thread_and_the_policy_leaves_it():
                          env={**os.environ, "GPUNET_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr
     assert set(eval(out.stdout.strip())) == {1}
+
+
+@needs_native
+def test_gemm_refuses_operands_whose_inner_dimensions_differ():
+    """The pool's BLAS calls would read past an operand: refused before, as matmul does."""
+    cpu = CpuBackend(np, "cpu-test")
+    with pytest.raises(ValueError, match=r"gemm: op\(a\) is \(4, 3\) and op\(b\) \(5, 2\): "
+                                         "their inner dimensions differ"):
+        cpu.gemm(f32(4, 3), f32(5, 2))
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        cpu.gemm_acc(np.zeros((3, 2), np.float32), f32(4, 3), f32(5, 2), trans_a=True)

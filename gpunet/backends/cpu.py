@@ -152,42 +152,48 @@ class CpuBackend(Backend):
         library or the direct BLAS calls are missing: NumPy's matmul, after the thread policy
         has set the BLAS's threads for now."""
         threads = self.threads or self._current_threads()
-        lib, direct = native.library(), blas.BLAS
-        if (lib is None or direct is None or a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype
-                or a.dtype not in (np.float32, np.float64) or 0 in (*a.shape, *b.shape)):
+        if not self._pooled_gemm(a, b):
             return Backend.gemm(self, a, b, trans_a, trans_b)
-        a, trans_a, lda = self._blas_operand(a, trans_a)
-        b, trans_b, ldb = self._blas_operand(b, trans_b)
-        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-        n = b.shape[0] if trans_b else b.shape[1]
-        out = np.empty((m, n), a.dtype)
-        nested = getattr(self._local, "in_part", False)
-        lib.gemm_mt(direct.pointer(a.dtype), a.dtype == np.float64, trans_a, trans_b, m, n, k,
-                    a.ctypes.data, lda, b.ctypes.data, ldb, 0.0, out.ctypes.data, n,
-                    1 if nested or m * n * k < self.GEMM_PARALLEL_MIN else threads)
+        m = a.shape[1] if trans_a else a.shape[0]
+        out = np.empty((m, b.shape[0] if trans_b else b.shape[1]), a.dtype)
+        self._gemm_into(out, a, b, trans_a, trans_b, 0.0, threads)
         return out
 
     def gemm_acc(self, out: Array, a: Array, b: Array, trans_a: bool = False,
                  trans_b: bool = False) -> None:
         """:meth:`Backend.gemm_acc` as one GEMM with ``beta = 1`` into ``out`` on gpunet's
         threads (no product array, no second pass), where :meth:`gemm` calls the BLAS."""
-        lib, direct = native.library(), blas.BLAS
-        if (lib is None or direct is None or a.ndim != 2 or b.ndim != 2 or out.ndim != 2
-                or not a.dtype == b.dtype == out.dtype
-                or out.dtype not in (np.float32, np.float64)
-                or not out.flags.c_contiguous or 0 in (*a.shape, *b.shape)):
+        if not (self._pooled_gemm(a, b) and out.ndim == 2 and out.dtype == a.dtype
+                and out.flags.c_contiguous):
             return Backend.gemm_acc(self, out, a, b, trans_a, trans_b)
+        self._gemm_into(out, a, b, trans_a, trans_b, 1.0,
+                        self.threads or self._current_threads())
+
+    @staticmethod
+    def _pooled_gemm(a: Array, b: Array) -> bool:
+        """Whether gpunet's pool takes the GEMM of ``a`` and ``b``."""
+        return (native.library() is not None and blas.BLAS is not None and a.ndim == b.ndim == 2
+                and a.dtype == b.dtype and a.dtype in (np.float32, np.float64)
+                and 0 not in (*a.shape, *b.shape))
+
+    def _gemm_into(self, out: Array, a: Array, b: Array, trans_a: bool, trans_b: bool,
+                   beta: float, threads: int) -> None:
+        """``out = op(a) op(b) + beta out`` by the pool: ``threads`` pieces, one where the
+        GEMM is small or this runs within a part of :meth:`_parallel`."""
         a, trans_a, lda = self._blas_operand(a, trans_a)
         b, trans_b, ldb = self._blas_operand(b, trans_b)
         m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-        n = b.shape[0] if trans_b else b.shape[1]
+        k_b, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+        if k_b != k:  # BLAS would read past an operand
+            raise ValueError(f"gemm: op(a) is {(m, k)} and op(b) {(k_b, n)}: their inner "
+                             f"dimensions differ")
         if out.shape != (m, n):
             raise ValueError(f"gemm_acc: the product is {(m, n)}, out is {out.shape}")
         nested = getattr(self._local, "in_part", False)
-        lib.gemm_mt(direct.pointer(out.dtype), out.dtype == np.float64, trans_a, trans_b, m, n,
-                    k, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, n,
-                    1 if nested or m * n * k < self.GEMM_PARALLEL_MIN
-                    else self.threads or self._current_threads())
+        native.library().gemm_mt(blas.BLAS.pointer(out.dtype), out.dtype == np.float64,
+                                 trans_a, trans_b, m, n, k, a.ctypes.data, lda, b.ctypes.data,
+                                 ldb, beta, out.ctypes.data, n,
+                                 1 if nested or m * n * k < self.GEMM_PARALLEL_MIN else threads)
 
     @staticmethod
     def _blas_operand(a: Array, trans: bool) -> tuple[Array, bool, int]:
