@@ -29,9 +29,9 @@ def _keep_freed_memory() -> None:
     them back to the system. By default a block of a few MiB is mapped afresh at each
     allocation and page-faulted in at first touch, 4 KiB at a time: 38 MiB a step for the bn
     workload (9,700 faults), about a tenth of its step. ``M_MMAP_THRESHOLD`` goes to 32 MiB
-    (glibc's most) and ``M_TRIM_THRESHOLD`` to 256 MiB, as PyTorch's CPU allocator keeps
-    memory for reuse too; peak memory is unchanged. ``GPUNET_MALLOC=default`` leaves glibc
-    as it is; other C libraries are left alone."""
+    (glibc's most) and ``M_TRIM_THRESHOLD`` to 256 MiB; the resident set then stays at its
+    peak instead of shrinking between steps (the peak itself is unchanged). It is a setting
+    of the whole process: ``GPUNET_MALLOC=default`` leaves glibc as it is."""
     if os.environ.get("GPUNET_MALLOC", "").strip().lower() == "default":
         return
     try:
@@ -82,11 +82,12 @@ class CpuBackend(Backend):
     1, and is col2im with other strides. From :attr:`SHIFT_MIN_CHANNELS` channels on, stride-1
     convolutions take no column matrix for forward and dx (see "shifted GEMMs" below).
 
-    Blocks of samples are shared among the pool's threads, each running its GEMMs on one BLAS
-    thread (:meth:`_over_samples`). Element-wise float32 formulas (ReLU, BatchNorm, the LSTM
-    cell, the convolutions' layout copies) run as compiled loops, one pass each
-    (``kernels/cpu.cpp``); float64, and machines without a compiler, run the NumPy code, which
-    is the reference the other devices are tested against.
+    Blocks of samples are shared among threads, each running its GEMMs on one BLAS thread
+    (:meth:`_over_samples`). Element-wise float32 formulas (ReLU, BatchNorm, pooling, the LSTM
+    cell, the SGD step, the convolutions' layout copies, convolutions of few channels) run as
+    compiled loops, one pass each (``kernels/cpu.cpp``), on a pool of compiled threads that
+    also cuts every GEMM (:meth:`gemm`); float64, and machines without a compiler, run the
+    NumPy code, which is the reference the other devices are tested against.
     """
 
     #: the size of one block's column matrix
