@@ -517,6 +517,17 @@ EXPORT void relu_backward_mt(const float* dy, const float* x, float* dx, i64 n, 
     parallel_for(n, threads, [=](i64 a, i64 b) { relu_backward(dy, x, dx, a, b); });
 }
 
+// out[j] = the sum over k of partial[k size + j], k in order: the parts' sums added the same
+// way whichever part finished first
+template <class T, class U>
+static void add_parts(const std::vector<T>& partial, i64 parts, i64 size, U* out) {
+    for (i64 j = 0; j < size; ++j) {
+        T s = 0;
+        for (i64 k = 0; k < parts; ++k) s += partial[k * size + j];
+        out[j] = s;
+    }
+}
+
 // per-channel sums of each range, added in range order (the same result for the same
 // threads, whatever finishes first)
 template <class F>
@@ -527,11 +538,7 @@ static void channel_sums_mt(i64 n, i64 c, i64 outputs, double* out, i64 threads,
     parallel_for(parts, parts, [=](i64 a, i64 b) {
         for (i64 k = a; k < b; ++k) f(n * k / parts, n * (k + 1) / parts, base + k * outputs * c);
     });
-    for (i64 j = 0; j < outputs * c; ++j) {
-        double s = 0.0;
-        for (i64 k = 0; k < parts; ++k) s += partial[k * outputs * c + j];
-        out[j] = s;
-    }
+    add_parts(partial, parts, outputs * c, out);
 }
 
 EXPORT void channel_sum_mt(const float* x, i64 n, i64 c, i64 hw, double* sum, i64 threads) {
@@ -611,11 +618,7 @@ EXPORT void conv_direct_dweight_mt(const float* x, const float* dy, float* dweig
             conv_direct_dweight(x, dy, base + k * size, pad.data(), n * k / parts,
                                 n * (k + 1) / parts, c, h, w, o, kh, kw, ph, pw);
     });
-    for (i64 j = 0; j < size; ++j) {
-        float s = 0.0f;
-        for (i64 k = 0; k < parts; ++k) s += partial[k * size + j];
-        dweight[j] = s;
-    }
+    add_parts(partial, parts, size, dweight);
 }
 
 EXPORT void sgd_update_mt(float* w, const float* g, float* buf, i64 n, float lr, float momentum,
@@ -718,11 +721,7 @@ static void conv_vec_dweight_o(const float* x, const float* dy, float* dwt, i64 
                                            kh, kw, ho, wo);
             }
     });
-    for (i64 j = 0; j < size; ++j) {
-        float sum = 0.0f;
-        for (i64 k = 0; k < parts; ++k) sum += partial[k * size + j];
-        dwt[j] = sum;
-    }
+    add_parts(partial, parts, size, dwt);
 }
 
 // The vectorised convolution (conv_vec_sample) for O in {6, 8, 16, 32}; weight as

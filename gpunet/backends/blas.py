@@ -40,6 +40,7 @@ class Blas:
             local.argtypes, local.restype = [ctypes.c_int], ctypes.c_int
             self.local_threads = local
         self._fn = {np.dtype(np.float32): sgemm, np.dtype(np.float64): dgemm}
+        self._address = {t: ctypes.cast(f, ctypes.c_void_p).value for t, f in self._fn.items()}
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         for fn, real in ((sgemm, ctypes.c_float), (dgemm, ctypes.c_double)):
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, real,
@@ -48,7 +49,7 @@ class Blas:
 
     def pointer(self, dtype: Any) -> int:
         """The address of the GEMM for ``dtype`` (float32 or float64), for compiled code."""
-        return ctypes.cast(self._fn[np.dtype(dtype)], ctypes.c_void_p).value
+        return self._address[np.dtype(dtype)]  # taken once: this runs for every GEMM
 
     def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, beta: float = 0.0,
              trans_a: bool = False, trans_b: bool = False) -> np.ndarray:
