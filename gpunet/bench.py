@@ -1106,6 +1106,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--threads must be at least 1")
     if args.busy < 0:
         p.error("--busy must be at least 0")
+    if args.steps < 1 or args.sweep_steps < 1:
+        p.error("--steps and --sweep-steps must be at least 1")
     if args.in_process and args.isa:
         p.error("--isa works only in isolate mode (the default), not with --in-process")
     if args.in_process and args.rounds is not None:

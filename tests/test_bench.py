@@ -474,3 +474,21 @@ def test_isolate_mode_runs_gpunet_on_a_gpu_in_its_own_process(standin, monkeypat
                                     allow_standin=True)
     assert result["standin"] and "stand-in" in result["torch_skipped"]
     assert result["gpunet"]["train"]["median_ms"] > 0 and "ratio_train" not in result
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps and --sweep-steps must be at least 1"),
+    (["--sweep-steps", "0"], "--steps and --sweep-steps must be at least 1"),
+    (["--busy", "-1"], "--busy must be at least 0"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_bad_counts_are_one_line_and_status_2(args, message, monkeypatch, capsys):
+    """Refused before anything is measured (--steps 0 was a StatisticsError traceback)."""
+    monkeypatch.setattr(bench, "measure_isolated",
+                        lambda *a, **k: pytest.fail("measured before failing"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["mlp", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"gpunet bench: error: {message}" and "Traceback" not in "".join(err)
