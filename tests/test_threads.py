@@ -176,3 +176,18 @@ def test_a_busy_neighbour_takes_a_core():
     finally:
         neighbour.kill()
         neighbour.wait()
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("GPUNET_THREAD_POLICY", "bogus", "GPUNET_THREAD_POLICY must be one of adaptive, fixed, "
+                                      "got 'bogus'"),
+    ("GPUNET_NUM_THREADS", "x", "GPUNET_NUM_THREADS must be a positive integer, got 'x'"),
+])
+def test_a_bad_thread_variable_is_one_line_from_the_command_line(var, value, message):
+    """Checked when the CPU device is made: the command line says what is wrong, not that
+    the model does not fit the data (the dry run's message when the policy was read there)."""
+    done = subprocess.run([sys.executable, "-m", "gpunet", "train", "mlp", "--data", "digits",
+                           "--epochs", "1", "--no-progress"], capture_output=True, text=True,
+                          env={**os.environ, var: value})
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"gpunet train: error: {message}"

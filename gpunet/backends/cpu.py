@@ -19,8 +19,11 @@ from .base import Array, Backend
 def _cpu_threads() -> int:
     """The most threads for the CPU device's element-wise work: ``$GPUNET_NUM_THREADS``, else
     the CPUs this process may run on (:exc:`DeviceError` if the variable is not a positive
-    integer). The count used at each call is :func:`gpunet.threads.current`."""
+    integer, or ``$GPUNET_THREAD_POLICY`` none of the policies: checked when the device is
+    made, not at its first parallel call). The count used at each call is
+    :func:`gpunet.threads.current`."""
     from .. import threads
+    threads._env_policy()
     return threads.env_maximum()
 
 
