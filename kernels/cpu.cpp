@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include <immintrin.h>
 #include <unistd.h>
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
@@ -414,6 +415,111 @@ static void uncolumns(const float* dcols, float* dx, float* acc, i64 p0, i64 p1,
     }
 }
 
+// ---- GEMM with a packed right operand ------------------------------------------------------
+// C (M, N) = A (M, K) B (K, N), B packed once and used for many products: the recurrent
+// layers multiply every step's (batch, H) state by the same W_h, 50 times per sequence in the
+// LSTM benchmark. OpenBLAS packs B anew at every call and took 248 and 220 us for the
+// LSTM's (32, 256) x (256, 1024) and (32, 1024) x (1024, 256) on one AVX2 core (Zen 3); this
+// kernel, B packed once per sequence, 194 and 193 us. B is cut into panels of NR columns,
+// stored k-major (packed[p K NR + k NR + j] = B[k, p NR + j], zeros past N); an MR x NR block
+// of C is held in MR x NV vector registers while k runs over a KC-deep slice of the panel
+// (KC NR floats, 16 KiB on AVX2: L1-resident while the row blocks of A pass over it).
+// AVX2: 6 x 16 (BLIS's Haswell shape, 12 accumulators of 16); AVX-512: 12 x 32 (24 of 32).
+// Unaligned loads and stores: neither A, B nor C is aligned to a vector.
+#ifdef __AVX512F__
+constexpr int VW = 16, PACK_NV = 2, PACK_MR = 12;
+typedef float vfloat __attribute__((vector_size(64)));
+static inline vfloat splat(float x) { return (vfloat)_mm512_set1_ps(x); }
+static inline vfloat load(const float* p) { return (vfloat)_mm512_loadu_ps(p); }
+static inline void store(float* p, vfloat v) { _mm512_storeu_ps(p, (__m512)v); }
+#elif defined(__AVX__)
+constexpr int VW = 8, PACK_NV = 2, PACK_MR = 6;
+typedef float vfloat __attribute__((vector_size(32)));
+static inline vfloat splat(float x) { return (vfloat)_mm256_set1_ps(x); }
+static inline vfloat load(const float* p) { return (vfloat)_mm256_loadu_ps(p); }
+static inline void store(float* p, vfloat v) { _mm256_storeu_ps(p, (__m256)v); }
+#else
+constexpr int VW = 4, PACK_NV = 2, PACK_MR = 6;
+typedef float vfloat __attribute__((vector_size(16)));
+static inline vfloat splat(float x) { return (vfloat){x, x, x, x}; }
+static inline vfloat load(const float* p) { vfloat v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+#endif
+constexpr i64 PACK_NR = VW * PACK_NV, PACK_KC = 256;
+
+// op(B) (k, n), rows ldb apart (trans: B is stored (n, k)), into panels [p0, p1) of packed
+static void pack_b(const float* b, i64 ldb, bool trans, i64 k, i64 n, float* packed, i64 p0,
+                   i64 p1) {
+    for (i64 p = p0; p < p1; ++p) {
+        float* dst = packed + p * k * PACK_NR;
+        const i64 cols = std::min(PACK_NR, n - p * PACK_NR);
+        for (i64 kk = 0; kk < k; ++kk, dst += PACK_NR) {
+            for (i64 j = 0; j < cols; ++j)
+                dst[j] = trans ? b[(p * PACK_NR + j) * ldb + kk] : b[kk * ldb + p * PACK_NR + j];
+            for (i64 j = cols; j < PACK_NR; ++j) dst[j] = 0.0f;
+        }
+    }
+}
+
+// One R x PACK_NR block of C (its first `cols` columns kept) from R rows of A and a kc-deep
+// slice of a panel; added to C where `add`, else written
+template <int R>
+static inline void packed_block(const float* a, i64 lda, const float* bp, i64 kc, float* c,
+                                i64 ldc, i64 cols, bool add) {
+    vfloat acc[R][PACK_NV] = {};
+    for (i64 kk = 0; kk < kc; ++kk) {
+        vfloat bv[PACK_NV];
+        for (int v = 0; v < PACK_NV; ++v) bv[v] = load(bp + kk * PACK_NR + v * VW);
+        for (int r = 0; r < R; ++r) {
+            const vfloat av = splat(a[r * lda + kk]);
+            for (int v = 0; v < PACK_NV; ++v) acc[r][v] += av * bv[v];
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        if (cols == PACK_NR) {
+            for (int v = 0; v < PACK_NV; ++v) {
+                float* dst = c + r * ldc + v * VW;
+                store(dst, add ? load(dst) + acc[r][v] : acc[r][v]);
+            }
+        } else {
+            float row[PACK_NR];
+            for (int v = 0; v < PACK_NV; ++v) store(row + v * VW, acc[r][v]);
+            for (i64 j = 0; j < cols; ++j) c[r * ldc + j] = add ? c[r * ldc + j] + row[j] : row[j];
+        }
+    }
+}
+
+// The last m < R rows of a row block
+template <int R>
+static void packed_tail(const float* a, i64 lda, const float* bp, i64 kc, float* c, i64 ldc,
+                        i64 cols, bool add, i64 m) {
+    if constexpr (R > 1) {
+        if (m < R) return packed_tail<R - 1>(a, lda, bp, kc, c, ldc, cols, add, m);
+    }
+    packed_block<R>(a, lda, bp, kc, c, ldc, cols, add);
+}
+
+// C[:, panels p0..p1) = A B (+ C where `add`), B packed by pack_b
+static void gemm_packed(const float* a, i64 lda, const float* packed, i64 m, i64 n, i64 k,
+                        float* c, i64 ldc, bool add, i64 p0, i64 p1) {
+    for (i64 p = p0; p < p1; ++p) {
+        const i64 cols = std::min(PACK_NR, n - p * PACK_NR);
+        for (i64 k0 = 0; k0 < k; k0 += PACK_KC) {
+            const i64 kc = std::min(PACK_KC, k - k0);
+            const float* bp = packed + (p * k + k0) * PACK_NR;
+            float* cp = c + p * PACK_NR;
+            const bool add_here = add || k0 > 0;
+            i64 i = 0;
+            for (; i + PACK_MR <= m; i += PACK_MR)
+                packed_block<PACK_MR>(a + i * lda + k0, lda, bp, kc, cp + i * ldc, ldc, cols,
+                                      add_here);
+            if (i < m)
+                packed_tail<PACK_MR - 1>(a + i * lda + k0, lda, bp, kc, cp + i * ldc, ldc, cols,
+                                         add_here, m - i);
+        }
+    }
+}
+
 // ---- gpunet's CPU threads ------------------------------------------------------------------
 // One pool of worker threads for every loop above and for GEMMs (gemm_mt), the BLAS set to
 // one thread when the pool starts (openblas_set_num_threads_local, which in the OpenBLAS
@@ -642,6 +748,54 @@ EXPORT void lstm_cell_backward_mt(const float* dy, const float* dh_rec, const fl
         lstm_cell_backward(dy, dh_rec, dc_next, acts, c_prev, c, dz, dc_prev, a, b, hid); });
 }
 
+// The LSTM's recurrence over a whole sequence in one call (Backend.lstm_sequence_forward):
+// per step, hg = h_{t-1} W_h^T by the packed GEMM, then the cell; where Python looped over
+// the steps, each of its 100 calls per step pair cost 10-20 us of argument handling alone.
+// xg, acts (T, N, 4H); hs, cs (T + 1, N, H) with entry 0 the initial state; w: W_h^T packed.
+EXPORT void lstm_sequence_forward_mt(const float* xg, const float* w, float* hs, float* cs,
+                                     float* acts, i64 steps, i64 n, i64 hid, i64 gemm_threads,
+                                     i64 cell_threads) {
+    const i64 g = 4 * hid, s = n * hid, panels = (g + PACK_NR - 1) / PACK_NR;
+    std::vector<float> hg_buf(n * g);
+    float* hg = hg_buf.data();
+    for (i64 t = 0; t < steps; ++t) {
+        const float* h = hs + t * s;
+        parallel_for(panels, gemm_threads, [=](i64 lo, i64 hi) {
+            gemm_packed(h, hid, w, n, g, hid, hg, g, false, lo, hi); });
+        parallel_for(n, cell_threads, [=](i64 a, i64 b) {
+            lstm_cell_forward(xg + t * n * g, hg, cs + t * s, acts + t * n * g, cs + (t + 1) * s,
+                              hs + (t + 1) * s, a, b, hid); });
+    }
+}
+
+// Its backward from the last step (Backend.lstm_sequence_backward): the cell's backward into
+// dz[t], then dh for step t - 1 = dz[t] W_h (w: W_h packed). dy (T, N, H); dh_T, dc_T the
+// final state's gradients (only read); dh0, dc0 receive the initial state's.
+EXPORT void lstm_sequence_backward_mt(const float* dy, const float* dh_T, const float* dc_T,
+                                      const float* acts, const float* cs, const float* w,
+                                      float* dz, float* dh0, float* dc0, i64 steps, i64 n,
+                                      i64 hid, i64 gemm_threads, i64 cell_threads) {
+    const i64 g = 4 * hid, s = n * hid, panels = (hid + PACK_NR - 1) / PACK_NR;
+    std::vector<float> bufs(3 * s);
+    float* dh_buf = bufs.data();
+    float* dc_bufs[2] = {bufs.data() + s, bufs.data() + 2 * s};
+    const float* dh = dh_T;
+    const float* dc = dc_T;
+    for (i64 k = 0; k < steps; ++k) {
+        const i64 t = steps - 1 - k;
+        float* dc_prev = dc_bufs[k % 2];  // not the one the cell reads as dc
+        parallel_for(n, cell_threads, [=](i64 a, i64 b) {
+            lstm_cell_backward(dy + t * s, dh, dc, acts + t * n * g, cs + t * s,
+                               cs + (t + 1) * s, dz + t * n * g, dc_prev, a, b, hid); });
+        parallel_for(panels, gemm_threads, [=](i64 lo, i64 hi) {  // the cell has read dh_buf
+            gemm_packed(dz + t * n * g, g, w, n, hid, g, dh_buf, hid, false, lo, hi); });
+        dh = dh_buf;
+        dc = dc_prev;
+    }
+    std::memcpy(dh0, dh, s * sizeof(float));
+    std::memcpy(dc0, dc, s * sizeof(float));
+}
+
 // C (M, N) = op(A) op(B) + beta C, row-major, through the CBLAS ILP64 GEMM `gemm`
 // (sgemm or dgemm as `is_double` says), its columns (or rows, when M > N) cut `threads`
 // ways, each piece a single-threaded BLAS call on one of the pool's threads.
@@ -684,6 +838,22 @@ EXPORT void gemm_mt(void* gemm, i64 is_double, i64 trans_a, i64 trans_b, i64 m, 
                                           static_cast<float>(beta), reinterpret_cast<float*>(pc),
                                           ldc);
     });
+}
+
+// The packed layout's panel width: op(B) (k, n) takes ceil(n / NR) NR k floats
+EXPORT i64 packed_panel() { return PACK_NR; }
+
+EXPORT void pack_b_mt(const float* b, i64 ldb, i64 trans, i64 k, i64 n, float* packed,
+                      i64 threads) {
+    parallel_for((n + PACK_NR - 1) / PACK_NR, threads, [=](i64 lo, i64 hi) {
+        pack_b(b, ldb, trans, k, n, packed, lo, hi); });
+}
+
+// C = A B (+ C where add), its panels cut `threads` ways
+EXPORT void gemm_packed_mt(const float* a, i64 lda, const float* packed, i64 m, i64 n, i64 k,
+                           float* c, i64 ldc, i64 add, i64 threads) {
+    parallel_for((n + PACK_NR - 1) / PACK_NR, threads, [=](i64 lo, i64 hi) {
+        gemm_packed(a, lda, packed, m, n, k, c, ldc, add, lo, hi); });
 }
 
 template <int O>

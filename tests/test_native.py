@@ -274,3 +274,82 @@ def test_gemm_refuses_operands_whose_inner_dimensions_differ():
         cpu.gemm(f32(4, 3), f32(5, 2))
     with pytest.raises(ValueError, match="inner dimensions differ"):
         cpu.gemm_acc(np.zeros((3, 2), np.float32), f32(4, 3), f32(5, 2), trans_a=True)
+
+
+@needs_native
+@pytest.mark.parametrize("m, k, n", [(32, 256, 1024), (32, 1024, 256), (37, 100, 70),
+                                     (1, 1, 33), (5, 3, 1), (13, 600, 17)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_gemm_matches_matmul(m, k, n, threads):
+    """Every row-block and panel tail (panels of 16 or 32 columns, rows in blocks of 6 or 12,
+    K in slices of 256), the right operand packed from a matrix or a transposed view, the
+    product written into a new array or into ``out``; cut into panels among threads."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.GEMM_PARALLEL_MIN, cpu.threads = 1, threads
+    a, b = f32(m, k), f32(k, n)
+    want = a.astype(np.float64) @ b
+    for rhs in (b, np.ascontiguousarray(b.T).T):
+        packed = cpu.pack(rhs)
+        assert (packed.k, packed.n) == (k, n)
+        assert packed.data.size == -(-n // native.library().packed_panel()) * native.library(
+        ).packed_panel() * k
+        np.testing.assert_allclose(cpu.gemm_packed(a, packed), want, rtol=1e-5, atol=1e-5 * k)
+        out = np.full((m, n), np.nan, np.float32)
+        assert cpu.gemm_packed(a, packed, out=out) is out
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * k)
+    strided = np.repeat(a, 2, axis=1)[:, ::2]  # rows not contiguous: copied first
+    np.testing.assert_allclose(cpu.gemm_packed(strided, cpu.pack(b)), want, rtol=1e-5,
+                               atol=1e-5 * k)
+
+
+@needs_native
+def test_packed_gemm_refuses_bad_operands_and_float64_stays_numpy():
+    cpu = CpuBackend(np, "cpu-test")
+    packed = cpu.pack(f32(4, 6))
+    with pytest.raises(ValueError, match=r"gemm_packed: a is \(3, 5\) and the packed matrix "
+                                         r"\(4, 6\): their inner dimensions differ"):
+        cpu.gemm_packed(f32(3, 5), packed)
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous float32 \(3, 6\) array, "
+                                         r"got float32 \(6, 3\)"):
+        cpu.gemm_packed(f32(3, 4), packed, out=np.empty((6, 3), np.float32))
+    b64 = R.normal(size=(4, 6)).T  # float64: a contiguous copy, multiplied by NumPy's BLAS
+    packed64 = cpu.pack(b64)
+    assert isinstance(packed64, np.ndarray) and packed64.flags.c_contiguous
+    a64 = R.normal(size=(2, 6))
+    np.testing.assert_allclose(cpu.gemm_packed(a64, packed64), a64 @ b64, rtol=1e-12)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lstm_sequence_in_one_compiled_call_matches_the_step_loop(threads):
+    """The CPU's compiled recurrence against Backend's loop of gemm_packed and the cell
+    (which float64 and the other devices run), forward and backward."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.GEMM_PARALLEL_MIN, cpu.NATIVE_PARALLEL_MIN, cpu.threads = 1, 1, threads
+    steps, n, hid = 7, 5, 20
+    xg, w_h = f32(steps, n, 4 * hid), f32(4 * hid, hid) * 0.3
+
+    def forward(run):
+        hs, cs = np.empty((steps + 1, n, hid), np.float32), np.empty((steps + 1, n, hid),
+                                                                     np.float32)
+        hs[0], cs[0] = 0.5, -0.25
+        acts = np.empty((steps, n, 4 * hid), np.float32)
+        run(xg, cpu.pack(w_h.T), hs, cs, acts)
+        return hs, cs, acts
+    got, want = forward(cpu.lstm_sequence_forward), forward(
+        lambda *a: Backend.lstm_sequence_forward(cpu, *a))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    _, cs, acts = want
+    dy, dh_t, dc_t = f32(steps, n, hid), f32(n, hid), f32(n, hid)
+    kept = dh_t.copy(), dc_t.copy()
+
+    def backward(run):
+        dz = np.empty((steps, n, 4 * hid), np.float32)
+        return (*run(dy, dh_t, dc_t, acts, cs, cpu.pack(w_h), dz), dz)
+    got, want = backward(cpu.lstm_sequence_backward), backward(
+        lambda *a: Backend.lstm_sequence_backward(cpu, *a))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(dh_t, kept[0])  # the final state's gradients only read
+    np.testing.assert_array_equal(dc_t, kept[1])

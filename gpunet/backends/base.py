@@ -163,6 +163,23 @@ class Backend:
                  trans_b: bool = False) -> None:
         """``out += op(a) @ op(b)``, in place: how a layer adds a weight gradient."""
         out += self.gemm(a, b, trans_a, trans_b)
+
+    def pack(self, b: Array) -> Any:
+        """``b`` (K, N) laid out for many :meth:`gemm_packed` products with it on the right,
+        as MKL's ``cblas_sgemm_pack`` or oneDNN's weight reorder: a recurrent layer packs
+        ``W_h`` once per sequence and multiplies every step's state by it. Here ``b`` itself;
+        a backend with a faster layout (the CPU's compiled GEMM) returns its own object,
+        which only that backend's :meth:`gemm_packed` reads. Valid while ``b`` is unchanged."""
+        return b
+
+    def gemm_packed(self, a: Array, packed: Any, out: Array | None = None) -> Array:
+        """``a @ b`` (M, N) for ``packed = pack(b)``; written into ``out`` where given (and
+        returned), else a new array."""
+        if out is None:
+            return self.gemm(a, packed)
+        out[...] = self.gemm(a, packed)
+        return out
+
     def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
         return x.sum(axis=axis, keepdims=keepdims)
 
@@ -593,6 +610,36 @@ class Backend:
         c += h
         xp.tanh(c, out=h)
         h *= o
+
+    def lstm_sequence_forward(self, xg: Array, w_h: Any, hs: Array, cs: Array,
+                              acts: Array) -> None:
+        """The LSTM's recurrence over all ``T`` steps, in place: for each ``t``,
+        ``hg = hs[t] @ W_h^T`` (``w_h = pack(W_h^T)``, :meth:`pack`) and
+        :meth:`lstm_cell_forward` of ``xg[t]``, ``hg`` and ``cs[t]`` into ``acts[t]``,
+        ``cs[t + 1]`` and ``hs[t + 1]``. ``xg``, ``acts``: ``(T, N, 4H)``, the inputs'
+        projections (bias included) and the activated gates; ``hs``, ``cs``: ``(T + 1, N, H)``,
+        entry 0 the initial state. One call per sequence, as cuDNN's RNN, so that a backend
+        may run the whole loop in compiled code (the CPU's)."""
+        hg = self.empty(acts.shape[1:], acts.dtype)
+        for t in range(xg.shape[0]):
+            self.gemm_packed(hs[t], w_h, out=hg)
+            self.lstm_cell_forward(xg[t], hg, cs[t], acts[t], cs[t + 1], hs[t + 1])
+
+    def lstm_sequence_backward(self, dy: Array, dh: Array, dc: Array, acts: Array, cs: Array,
+                               w_h: Any, dz: Array) -> tuple[Array, Array]:
+        """The backward of :meth:`lstm_sequence_forward`, from the last step: for each ``t``,
+        :meth:`lstm_cell_backward` into ``dz[t]`` ``(N, 4H)``, then the gradient reaching
+        ``h_{t-1}`` from the recurrence, ``dz[t] @ W_h`` (``w_h = pack(W_h)``). ``dy``
+        ``(T, N, H)``: the gradient of every output; ``dh``, ``dc`` ``(N, H)``: those of the
+        final state (only read). Returns the gradients of the initial state, ``(dh_0, dc_0)``."""
+        batch, h = dh.shape
+        dc_bufs = (self.empty((batch, h), dz.dtype), self.empty((batch, h), dz.dtype))
+        dh_buf = self.empty((batch, h), dz.dtype)  # never the caller's dh_T: it is only read
+        for k, t in enumerate(reversed(range(dy.shape[0]))):
+            dc_prev = dc_bufs[k % 2]  # never the caller's dc_T, nor the dc being read
+            self.lstm_cell_backward(dy[t], dh, dc, acts[t], cs[t], cs[t + 1], dz[t], dc_prev)
+            dh, dc = self.gemm_packed(dz[t], w_h, out=dh_buf), dc_prev
+        return dh, dc
 
     def lstm_cell_backward(self, dy: Array, dh_rec: Array, dc_next: Array, acts: Array,
                            c_prev: Array, c: Array, dz: Array, dc_prev: Array) -> None:

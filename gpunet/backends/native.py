@@ -60,8 +60,15 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "lstm_cell_forward_mt": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
     "lstm_cell_backward_mt": (_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
     "gemm_mt": (_P, *(_I64,) * 6, _P, _I64, _P, _I64, ctypes.c_double, _P, _I64, _I64),
+    "pack_b_mt": (_P, *(_I64,) * 4, _P, _I64),
+    "gemm_packed_mt": (_P, _I64, _P, _I64, _I64, _I64, _P, *(_I64,) * 3),
+    "lstm_sequence_forward_mt": (_P, _P, _P, _P, _P, *(_I64,) * 5),
+    "lstm_sequence_backward_mt": (*(_P,) * 9, *(_I64,) * 5),
     "pool_start": (_I64, _P),
+    "packed_panel": (),
 }
+#: the functions that return a value, and its type
+RETURNS: dict[str, Any] = {"packed_panel": _I64}
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -114,7 +121,7 @@ def _build() -> tuple[Any, str]:
     lib = ctypes.CDLL(str(target))
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = list(argtypes), None
+        fn.argtypes, fn.restype = list(argtypes), RETURNS.get(name)
     from . import blas
     from .. import threads
     local = None if blas.BLAS is None else blas.BLAS.local_threads
