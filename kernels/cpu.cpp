@@ -461,17 +461,17 @@ static void pack_b(const float* b, i64 ldb, bool trans, i64 k, i64 n, float* pac
     }
 }
 
-// One R x PACK_NR block of C (its first `cols` columns kept) from R rows of A and a kc-deep
-// slice of a panel; added to C where `add`, else written
+// One R x PACK_NR block of C (its first `cols` columns kept) from R rows of A (a[r]: row r
+// at the slice's first k) and a kc-deep slice of a panel; added to C where `add`, else written
 template <int R>
-static inline void packed_block(const float* a, i64 lda, const float* bp, i64 kc, float* c,
+static inline void packed_block(const float* const* a, const float* bp, i64 kc, float* c,
                                 i64 ldc, i64 cols, bool add) {
     vfloat acc[R][PACK_NV] = {};
     for (i64 kk = 0; kk < kc; ++kk) {
         vfloat bv[PACK_NV];
         for (int v = 0; v < PACK_NV; ++v) bv[v] = load(bp + kk * PACK_NR + v * VW);
         for (int r = 0; r < R; ++r) {
-            const vfloat av = splat(a[r * lda + kk]);
+            const vfloat av = splat(a[r][kk]);
             for (int v = 0; v < PACK_NV; ++v) acc[r][v] += av * bv[v];
         }
     }
@@ -491,33 +491,132 @@ static inline void packed_block(const float* a, i64 lda, const float* bp, i64 kc
 
 // The last m < R rows of a row block
 template <int R>
-static void packed_tail(const float* a, i64 lda, const float* bp, i64 kc, float* c, i64 ldc,
+static void packed_tail(const float* const* a, const float* bp, i64 kc, float* c, i64 ldc,
                         i64 cols, bool add, i64 m) {
     if constexpr (R > 1) {
-        if (m < R) return packed_tail<R - 1>(a, lda, bp, kc, c, ldc, cols, add, m);
+        if (m < R) return packed_tail<R - 1>(a, bp, kc, c, ldc, cols, add, m);
     }
-    packed_block<R>(a, lda, bp, kc, c, ldc, cols, add);
+    packed_block<R>(a, bp, kc, c, ldc, cols, add);
 }
 
-// C[:, panels p0..p1) = A B (+ C where `add`), B packed by pack_b
-static void gemm_packed(const float* a, i64 lda, const float* packed, i64 m, i64 n, i64 k,
-                        float* c, i64 ldc, bool add, i64 p0, i64 p1) {
+// C[:, panels p0..p1) = A B (+ C where `add`), B packed by pack_b, row i of A at row_of(i)
+// (A's rows need not be equally far apart: the convolution's weight gradient reads shifted
+// runs of its input as rows)
+template <class RowOf>
+static void gemm_packed_rows(RowOf row_of, const float* packed, i64 m, i64 n, i64 k, float* c,
+                             i64 ldc, bool add, i64 p0, i64 p1) {
+    const float* rows[PACK_MR];
     for (i64 p = p0; p < p1; ++p) {
         const i64 cols = std::min(PACK_NR, n - p * PACK_NR);
         for (i64 k0 = 0; k0 < k; k0 += PACK_KC) {
             const i64 kc = std::min(PACK_KC, k - k0);
             const float* bp = packed + (p * k + k0) * PACK_NR;
-            float* cp = c + p * PACK_NR;
             const bool add_here = add || k0 > 0;
-            i64 i = 0;
-            for (; i + PACK_MR <= m; i += PACK_MR)
-                packed_block<PACK_MR>(a + i * lda + k0, lda, bp, kc, cp + i * ldc, ldc, cols,
-                                      add_here);
-            if (i < m)
-                packed_tail<PACK_MR - 1>(a + i * lda + k0, lda, bp, kc, cp + i * ldc, ldc, cols,
-                                         add_here, m - i);
+            for (i64 i = 0; i < m; i += PACK_MR) {
+                const i64 nr = std::min<i64>(PACK_MR, m - i);
+                for (i64 r = 0; r < nr; ++r) rows[r] = row_of(i + r) + k0;
+                float* cp = c + i * ldc + p * PACK_NR;
+                if (nr == PACK_MR)
+                    packed_block<PACK_MR>(rows, bp, kc, cp, ldc, cols, add_here);
+                else
+                    packed_tail<PACK_MR - 1>(rows, bp, kc, cp, ldc, cols, add_here, nr);
+            }
         }
     }
+}
+
+static void gemm_packed(const float* a, i64 lda, const float* packed, i64 m, i64 n, i64 k,
+                        float* c, i64 ldc, bool add, i64 p0, i64 p1) {
+    gemm_packed_rows([=](i64 i) { return a + i * lda; }, packed, m, n, k, c, ldc, add, p0, p1);
+}
+
+// ---- the shifted convolution's correlation --------------------------------------------
+// out (O, L) = sum over taps (i, j) and channels c of w[i, j, o, c] x[c, p + i wp + j], x a
+// channel-major padded block (CpuBackend._correlate: the forward and the input gradient of
+// stride-1 convolutions of 8 and more channels). Nine BLAS GEMMs of (O, C) x (C, L) each read
+// and wrote all of out once per tap; here a block of CONV_MR output channels x CONV_NV vectors
+// of pixels stays in registers over every tap and channel, its pixels loaded straight from
+// x's rows (a shift is an offset, nothing is packed), and out is written once. wt: the
+// weights as (kh kw C, O), so that one tap and channel's CONV_MR weights are adjacent.
+#ifdef __AVX512F__
+constexpr int CONV_MR = 8, CONV_NV = 3;  // 24 accumulators of 32 registers
+#else
+constexpr int CONV_MR = 6, CONV_NV = 2;  // 12 of 16: with 4 x 3, GCC re-read x's vectors
+#endif
+constexpr i64 CONV_PIX = CONV_NV * VW;
+
+template <int R>
+static inline void correlate_block(const float* x, i64 ldx, const float* wt, i64 o,
+                                   const i64* offsets, i64 taps, i64 c, float* out, i64 ldo) {
+    vfloat acc[R][CONV_NV] = {};
+    for (i64 t = 0; t < taps; ++t) {
+        const float* xt = x + offsets[t];
+        const float* wtt = wt + t * c * o;
+        for (i64 k = 0; k < c; ++k) {
+            vfloat xv[CONV_NV];
+            for (int v = 0; v < CONV_NV; ++v) xv[v] = load(xt + k * ldx + v * VW);
+            for (int r = 0; r < R; ++r) {
+                const vfloat wv = splat(wtt[k * o + r]);
+                for (int v = 0; v < CONV_NV; ++v) acc[r][v] += wv * xv[v];
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < CONV_NV; ++v) store(out + r * ldo + v * VW, acc[r][v]);
+}
+
+// The last o < R output channels
+template <int R>
+static void correlate_tail(const float* x, i64 ldx, const float* wt, i64 o, const i64* offsets,
+                           i64 taps, i64 c, float* out, i64 ldo, i64 rows) {
+    if constexpr (R > 1) {
+        if (rows < R) return correlate_tail<R - 1>(x, ldx, wt, o, offsets, taps, c, out, ldo, rows);
+    }
+    correlate_block<R>(x, ldx, wt, o, offsets, taps, c, out, ldo);
+}
+
+// Pixels [p0, p1) of out; x's rows readable CONV_PIX columns past L - 1 + the largest offset
+// (the last block of pixels is computed whole, into a scratch block)
+static void correlate(const float* x, i64 ldx, const float* wt, i64 o, i64 c, i64 kh, i64 kw,
+                      i64 wp, float* out, i64 length, i64 p0, i64 p1) {
+    std::vector<i64> offsets(kh * kw);
+    for (i64 i = 0; i < kh; ++i)
+        for (i64 j = 0; j < kw; ++j) offsets[i * kw + j] = i * wp + j;
+    const i64 taps = kh * kw;
+    float part[CONV_MR * CONV_PIX];
+    for (i64 p = p0; p < p1; p += CONV_PIX) {
+        const i64 cols = std::min(CONV_PIX, p1 - p);
+        for (i64 m = 0; m < o; m += CONV_MR) {
+            const i64 rows = std::min<i64>(CONV_MR, o - m);
+            const bool whole = cols == CONV_PIX;
+            float* dst = whole ? out + m * length + p : part;
+            const i64 ld = whole ? length : CONV_PIX;
+            if (rows == CONV_MR)
+                correlate_block<CONV_MR>(x + p, ldx, wt + m, o, offsets.data(), taps, c, dst, ld);
+            else
+                correlate_tail<CONV_MR - 1>(x + p, ldx, wt + m, o, offsets.data(), taps, c, dst,
+                                            ld, rows);
+            if (!whole)
+                for (i64 r = 0; r < rows; ++r)
+                    std::memcpy(out + (m + r) * length + p, part + r * CONV_PIX,
+                                cols * sizeof(float));
+        }
+    }
+}
+
+// The weight gradient of the same convolutions, transposed: dwt[k taps + t, m] = sum over
+// p in [0, L) of x[k, p + off_t] dy[m, p] (t = i kw + j, off_t = i wp + j; CpuBackend.
+// _backprop_shifted), where a column matrix was copied out for a BLAS GEMM. It is the packed
+// GEMM (dwt = A dy^T) with A's rows the shifted runs of x, read in place, and dy^T packed.
+// packed: scratch of packed_panel() ceil(O / packed_panel()) L floats.
+static void conv_dweight(const float* x, i64 ldx, const float* dy, i64 ldy, i64 o, i64 c,
+                         i64 kh, i64 kw, i64 wp, i64 length, float* dwt, float* packed) {
+    const i64 taps = kh * kw, panels = (o + PACK_NR - 1) / PACK_NR;
+    pack_b(dy, ldy, true, length, o, packed, 0, panels);
+    gemm_packed_rows([=](i64 row) {
+        const i64 k = row / taps, t = row % taps;
+        return x + k * ldx + (t / kw) * wp + t % kw;
+    }, packed, c * taps, o, length, dwt, o, false, 0, panels);
 }
 
 // ---- gpunet's CPU threads ------------------------------------------------------------------
@@ -854,6 +953,30 @@ EXPORT void gemm_packed_mt(const float* a, i64 lda, const float* packed, i64 m, 
                            float* c, i64 ldc, i64 add, i64 threads) {
     parallel_for((n + PACK_NR - 1) / PACK_NR, threads, [=](i64 lo, i64 hi) {
         gemm_packed(a, lda, packed, m, n, k, c, ldc, add, lo, hi); });
+}
+
+// The correlation above over all L pixels, cut into blocks of pixels among `threads`;
+// correlate_spare(): the columns x must have past L - 1 + the largest offset
+EXPORT i64 correlate_spare() { return CONV_PIX; }
+
+EXPORT void correlate_mt(const float* x, i64 ldx, const float* wt, i64 o, i64 c, i64 kh, i64 kw,
+                         i64 wp, float* out, i64 length, i64 threads) {
+    const i64 blocks = (length + CONV_PIX - 1) / CONV_PIX;
+    parallel_for(blocks, threads, [=](i64 lo, i64 hi) {
+        correlate(x, ldx, wt, o, c, kh, kw, wp, out, length, lo * CONV_PIX,
+                  std::min(length, hi * CONV_PIX)); });
+}
+
+// The weight gradient above, written (not added) to dwt (C kh kw, O)
+EXPORT void conv_dweight_mt(const float* x, i64 ldx, const float* dy, i64 ldy, i64 o, i64 c,
+                            i64 kh, i64 kw, i64 wp, i64 length, float* dwt, i64 threads) {
+    // the channels cut among threads, each its own rows of dwt and its own copy of dy^T
+    const i64 size = (o + PACK_NR - 1) / PACK_NR * PACK_NR * length, rows = kh * kw;
+    parallel_for(c, threads, [=](i64 lo, i64 hi) {
+        std::vector<float> packed(size);
+        conv_dweight(x + lo * ldx, ldx, dy, ldy, o, hi - lo, kh, kw, wp, length,
+                     dwt + lo * rows * o, packed.data());
+    });
 }
 
 template <int O>

@@ -353,3 +353,42 @@ def test_lstm_sequence_in_one_compiled_call_matches_the_step_loop(threads):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(dh_t, kept[0])  # the final state's gradients only read
     np.testing.assert_array_equal(dc_t, kept[1])
+
+
+@needs_native
+@pytest.mark.parametrize("o, c, kh, kw, wp, length", [
+    (32, 32, 3, 3, 34, 3 * 34 * 34), (7, 9, 3, 3, 12, 100), (13, 8, 5, 5, 20, 391),
+    (1, 8, 1, 3, 9, 5), (25, 16, 2, 1, 7, 48)])
+def test_compiled_correlation_matches_the_gemm_per_tap(both, o, c, kh, kw, wp, length):
+    """The shifted convolution's correlation (forward and input gradient of stride-1
+    convolutions) in one compiled call against one BLAS GEMM per tap: output-channel tails of
+    every size, a last block of pixels cut short, taps of other shapes."""
+    cpu, numpy_only = both
+    cpu.NATIVE_PARALLEL_MIN, cpu.threads = 1, 2
+    spare = native.library().correlate_spare()
+    xc = f32(c, length + (kh - 1) * wp + kw - 1 + spare)
+    weight = f32(o, c, kh, kw)
+    got, want = np.full((o, length), np.nan, np.float32), np.empty((o, length), np.float32)
+    cpu._correlate(xc, weight, wp, got)
+    numpy_only(cpu._correlate, xc, weight, wp, want)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * c * kh * kw)
+
+
+@needs_native
+@pytest.mark.parametrize("o, c, kh, kw, wp, length", [
+    (32, 32, 3, 3, 34, 3 * 34 * 34), (7, 9, 3, 3, 12, 100), (13, 8, 5, 5, 20, 391),
+    (1, 8, 1, 3, 9, 5), (2, 3, 2, 1, 7, 47)])
+def test_compiled_weight_gradient_matches_the_column_gemm(o, c, kh, kw, wp, length):
+    """The shifted convolution's weight gradient (C kh kw, O) in one compiled call against
+    the column matrix and one BLAS GEMM per run: row and column tiles cut short, a run of
+    pixels that is no multiple of a vector, dy read from a view with rows further apart."""
+    cpu = CpuBackend(np, "cpu-test")
+    cpu.NATIVE_PARALLEL_MIN, cpu.threads = 1, 2
+    xc = f32(c, length + (kh - 1) * wp + kw - 1)
+    dyc = f32(o, length + 5)[:, 3:3 + length]
+    got = np.empty((c * kh * kw, o), np.float32)
+    native.library().conv_dweight_mt(xc.ctypes.data, xc.shape[1], dyc.ctypes.data,
+                                     dyc.strides[0] // 4, o, c, kh, kw, wp, length,
+                                     got.ctypes.data, 2)
+    want = cpu._dweight_columns(xc, dyc, f32(o, c, kh, kw), wp, length)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(length))

@@ -62,13 +62,16 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "gemm_mt": (_P, *(_I64,) * 6, _P, _I64, _P, _I64, ctypes.c_double, _P, _I64, _I64),
     "pack_b_mt": (_P, *(_I64,) * 4, _P, _I64),
     "gemm_packed_mt": (_P, _I64, _P, _I64, _I64, _I64, _P, *(_I64,) * 3),
+    "correlate_mt": (_P, _I64, _P, *(_I64,) * 5, _P, _I64, _I64),
+    "conv_dweight_mt": (_P, _I64, _P, *(_I64,) * 7, _P, _I64),
     "lstm_sequence_forward_mt": (_P, _P, _P, _P, _P, *(_I64,) * 5),
     "lstm_sequence_backward_mt": (*(_P,) * 9, *(_I64,) * 5),
     "pool_start": (_I64, _P),
     "packed_panel": (),
+    "correlate_spare": (),
 }
 #: the functions that return a value, and its type
-RETURNS: dict[str, Any] = {"packed_panel": _I64}
+RETURNS: dict[str, Any] = {"packed_panel": _I64, "correlate_spare": _I64}
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
