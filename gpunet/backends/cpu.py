@@ -99,7 +99,9 @@ class CpuBackend(Backend):
     (:meth:`_over_samples`). Element-wise float32 formulas (ReLU, BatchNorm, pooling, the LSTM
     cell, the SGD step, the convolutions' layout copies, convolutions of few channels) run as
     compiled loops, one pass each (``kernels/cpu.cpp``), on a pool of compiled threads that
-    also cuts every GEMM (:meth:`gemm`); float64, and machines without a compiler, run the
+    also cuts every GEMM (:meth:`gemm`); so do the stride-1 convolutions' correlations, a GEMM
+    kernel for packed operands (:meth:`pack`, :meth:`gemm_packed`) and the LSTM's step loop
+    (:meth:`lstm_sequence_forward`). float64, and machines without a compiler, run the
     NumPy code, which is the reference the other devices are tested against.
     """
 
@@ -623,8 +625,10 @@ class CpuBackend(Backend):
     # :mod:`.blas`), instead of a column matrix kh kw times the input's size. Outputs past
     # (Ho, Wo) in each padded image are computed and dropped; the shifted windows of the last
     # image read a tail of zeros. The input gradient is the same correlation of dy (padded by
-    # k - 1 - p) with the flipped kernel; the weight gradient still takes columns, a block
-    # of them at a time, copied from xc as kh kw contiguous runs per channel.
+    # k - 1 - p) with the flipped kernel. For float32 with the compiled library the whole sum
+    # over taps is one call (:meth:`_correlate`) and the weight gradient the packed GEMM with
+    # the shifted runs as rows; otherwise the weight gradient takes columns, a block of them
+    # at a time, copied from xc as kh kw contiguous runs per channel.
 
     #: shifted GEMMs from this many channels on (C for forward and the weight gradient, O
     #: for the input gradient): each GEMM's inner dimension is one of them

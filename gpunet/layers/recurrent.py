@@ -17,8 +17,11 @@ gpunet's list convention for several inputs and outputs:
 Each layer projects the inputs of all time steps with one GEMM before its loop over time, runs
 one GEMM per step for the recurrent part, and computes its weight gradients with one GEMM
 each after the backward loop. The LSTM's pointwise work of a step is ``ops.lstm_cell_forward``
-and ``ops.lstm_cell_backward``: NumPy/CuPy on ``cpu`` (no per-element Python loops), fused
-kernels (``kernels/lstm.cu``) on ``cuda`` and ``emulated``.
+and ``ops.lstm_cell_backward``: fused kernels (``kernels/lstm.cu``) on ``cuda`` and
+``emulated``, a compiled loop on ``cpu`` for float32 (NumPy for float64). The LSTM and GRU
+multiply by ``W_h`` packed once per sequence (``ops.pack``, ``ops.gemm_packed``), and the
+LSTM hands its whole step loop to ``ops.lstm_sequence_forward`` / ``lstm_sequence_backward``,
+which the CPU device runs in one compiled call.
 
 Initial weights follow PyTorch: every weight matrix uniform in ``[-1/sqrt(H), 1/sqrt(H)]``
 (``H`` the hidden size). Biases and ``Recurrent2D``'s ``s0`` start at zero, as ``Dense``'s,
