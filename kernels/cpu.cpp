@@ -6,8 +6,9 @@
 // the CPU device keeps its NumPy code.
 //
 // Layout: (N, C, HW) C-contiguous ((N, C) data has HW = 1). Each loop below takes a range
-// [n0, n1) of samples (or elements, planes, rows); the exported *_mt entry points at the end
-// cut the whole range among the pool's threads. Per-channel sums are accumulated in double
+// [n0, n1) of samples (or elements, planes, rows; the GEMM kernels panels of columns or
+// channels, the correlation pixels); the exported *_mt entry points at the end cut the whole
+// range among the pool's threads. Per-channel sums are accumulated in double
 // per range and the ranges added in order.
 #include <algorithm>
 #include <atomic>
@@ -16,6 +17,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -418,12 +420,12 @@ static void uncolumns(const float* dcols, float* dx, float* acc, i64 p0, i64 p1,
 // ---- GEMM with a packed right operand ------------------------------------------------------
 // C (M, N) = A (M, K) B (K, N), B packed once and used for many products: the recurrent
 // layers multiply every step's (batch, H) state by the same W_h, 50 times per sequence in the
-// LSTM benchmark. OpenBLAS packs B anew at every call and took 248 and 220 us for the
+// LSTM benchmark. OpenBLAS packs B anew at every call and took 246 and 224 us for the
 // LSTM's (32, 256) x (256, 1024) and (32, 1024) x (1024, 256) on one AVX2 core (Zen 3); this
-// kernel, B packed once per sequence, 194 and 193 us. B is cut into panels of NR columns,
+// kernel, B packed once per sequence, 194 and 194 us. B is cut into panels of NR columns,
 // stored k-major (packed[p K NR + k NR + j] = B[k, p NR + j], zeros past N); an MR x NR block
 // of C is held in MR x NV vector registers while k runs over a KC-deep slice of the panel
-// (KC NR floats, 16 KiB on AVX2: L1-resident while the row blocks of A pass over it).
+// (KC NR floats, 16 KiB: L1-resident while the row blocks of A pass over it).
 // AVX2: 6 x 16 (BLIS's Haswell shape, 12 accumulators of 16); AVX-512: 12 x 32 (24 of 32).
 // Unaligned loads and stores: neither A, B nor C is aligned to a vector.
 #ifdef __AVX512F__
@@ -445,7 +447,8 @@ static inline vfloat splat(float x) { return (vfloat){x, x, x, x}; }
 static inline vfloat load(const float* p) { vfloat v; std::memcpy(&v, p, sizeof v); return v; }
 static inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 #endif
-constexpr i64 PACK_NR = VW * PACK_NV, PACK_KC = 256;
+// KC: a KC x NR slice of a panel is 16 KiB, half of a 32 KiB L1d, so A's rows and C stay
+constexpr i64 PACK_NR = VW * PACK_NV, PACK_KC = 4096 / PACK_NR;
 
 // op(B) (k, n), rows ldb apart (trans: B is stored (n, k)), into panels [p0, p1) of packed
 static void pack_b(const float* b, i64 ldb, bool trans, i64 k, i64 n, float* packed, i64 p0,
@@ -508,6 +511,8 @@ static void gemm_packed_rows(RowOf row_of, const float* packed, i64 m, i64 n, i6
     const float* rows[PACK_MR];
     for (i64 p = p0; p < p1; ++p) {
         const i64 cols = std::min(PACK_NR, n - p * PACK_NR);
+        if (k == 0 && !add)  // an empty sum: the slices below never run
+            for (i64 i = 0; i < m; ++i) std::fill_n(c + i * ldc + p * PACK_NR, cols, 0.0f);
         for (i64 k0 = 0; k0 < k; k0 += PACK_KC) {
             const i64 kc = std::min(PACK_KC, k - k0);
             const float* bp = packed + (p * k + k0) * PACK_NR;
@@ -607,16 +612,16 @@ static void correlate(const float* x, i64 ldx, const float* wt, i64 o, i64 c, i6
 // The weight gradient of the same convolutions, transposed: dwt[k taps + t, m] = sum over
 // p in [0, L) of x[k, p + off_t] dy[m, p] (t = i kw + j, off_t = i wp + j; CpuBackend.
 // _backprop_shifted), where a column matrix was copied out for a BLAS GEMM. It is the packed
-// GEMM (dwt = A dy^T) with A's rows the shifted runs of x, read in place, and dy^T packed.
-// packed: scratch of packed_panel() ceil(O / packed_panel()) L floats.
-static void conv_dweight(const float* x, i64 ldx, const float* dy, i64 ldy, i64 o, i64 c,
-                         i64 kh, i64 kw, i64 wp, i64 length, float* dwt, float* packed) {
-    const i64 taps = kh * kw, panels = (o + PACK_NR - 1) / PACK_NR;
-    pack_b(dy, ldy, true, length, o, packed, 0, panels);
+// GEMM (dwt = A dy^T) with A's rows the shifted runs of x, read in place, and dy^T packed
+// (by pack_b, transposing); channels [k0, k1) here.
+static void conv_dweight(const float* x, i64 ldx, const float* packed, i64 o, i64 kh, i64 kw,
+                         i64 wp, i64 length, float* dwt, i64 k0, i64 k1) {
+    const i64 taps = kh * kw;
     gemm_packed_rows([=](i64 row) {
-        const i64 k = row / taps, t = row % taps;
+        const i64 k = k0 + row / taps, t = row % taps;
         return x + k * ldx + (t / kw) * wp + t % kw;
-    }, packed, c * taps, o, length, dwt, o, false, 0, panels);
+    }, packed, (k1 - k0) * taps, o, length, dwt + k0 * taps * o, o, false, 0,
+       (o + PACK_NR - 1) / PACK_NR);
 }
 
 // ---- gpunet's CPU threads ------------------------------------------------------------------
@@ -970,13 +975,14 @@ EXPORT void correlate_mt(const float* x, i64 ldx, const float* wt, i64 o, i64 c,
 // The weight gradient above, written (not added) to dwt (C kh kw, O)
 EXPORT void conv_dweight_mt(const float* x, i64 ldx, const float* dy, i64 ldy, i64 o, i64 c,
                             i64 kh, i64 kw, i64 wp, i64 length, float* dwt, i64 threads) {
-    // the channels cut among threads, each its own rows of dwt and its own copy of dy^T
-    const i64 size = (o + PACK_NR - 1) / PACK_NR * PACK_NR * length, rows = kh * kw;
+    // dy^T packed once, its panels cut among the threads, then the channels (dwt's rows)
+    const i64 panels = (o + PACK_NR - 1) / PACK_NR;
+    std::unique_ptr<float[]> buf(new float[panels * PACK_NR * length]);  // no zero fill
+    float* packed = buf.get();
+    parallel_for(panels, threads, [=](i64 lo, i64 hi) {
+        pack_b(dy, ldy, true, length, o, packed, lo, hi); });
     parallel_for(c, threads, [=](i64 lo, i64 hi) {
-        std::vector<float> packed(size);
-        conv_dweight(x + lo * ldx, ldx, dy, ldy, o, hi - lo, kh, kw, wp, length,
-                     dwt + lo * rows * o, packed.data());
-    });
+        conv_dweight(x, ldx, packed, o, kh, kw, wp, length, dwt, lo, hi); });
 }
 
 template <int O>

@@ -392,3 +392,39 @@ def test_compiled_weight_gradient_matches_the_column_gemm(o, c, kh, kw, wp, leng
                                      got.ctypes.data, 2)
     want = cpu._dweight_columns(xc, dyc, f32(o, c, kh, kw), wp, length)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(length))
+
+
+@needs_native
+def test_compiled_recurrence_refuses_shapes_that_do_not_match():
+    """Raw pointers read whatever they are given: a W_h packed the wrong way round, or a
+    buffer of the wrong shape, is refused before the call."""
+    cpu = CpuBackend(np, "cpu-test")
+    steps, n, hid = 3, 2, 16
+    xg, acts = f32(steps, n, 4 * hid), np.empty((steps, n, 4 * hid), np.float32)
+    hs, cs = np.zeros((steps + 1, n, hid), np.float32), np.zeros((steps + 1, n, hid), np.float32)
+    w_h = f32(4 * hid, hid)
+    with pytest.raises(ValueError, match=r"lstm_sequence_forward: the packed W_h is \(64, 16\), "
+                                         r"expected \(16, 64\)"):
+        cpu.lstm_sequence_forward(xg, cpu.pack(w_h), hs, cs, acts)
+    with pytest.raises(ValueError, match=r"lstm_sequence_forward: hs is \(3, 2, 16\), "
+                                         r"expected \(4, 2, 16\)"):
+        cpu.lstm_sequence_forward(xg, cpu.pack(w_h.T), hs[:steps], cs, acts)
+    dz = np.empty((steps, n, 4 * hid), np.float32)
+    with pytest.raises(ValueError, match=r"lstm_sequence_backward: dh is \(2, 8\), "
+                                         r"expected \(2, 16\)"):
+        cpu.lstm_sequence_backward(f32(steps, n, hid), f32(n, 8), f32(n, hid), acts, cs,
+                                   cpu.pack(w_h), dz)
+
+
+@needs_native
+def test_packed_gemm_refuses_float64_and_an_output_that_overlaps_a():
+    cpu = CpuBackend(np, "cpu-test")
+    packed = cpu.pack(f32(6, 6))
+    with pytest.raises(ValueError, match="gemm_packed: a must be float32 like the packed "
+                                         "matrix, got float64"):
+        cpu.gemm_packed(R.normal(size=(2, 6)), packed)
+    a = f32(4, 6)
+    with pytest.raises(ValueError, match="gemm_packed: out overlaps a"):
+        cpu.gemm_packed(a, packed, out=a)
+    assert cpu.gemm_packed(a, packed) is not a  # PackedMatrix compares by identity
+    assert packed == packed and packed != cpu.pack(f32(6, 6))

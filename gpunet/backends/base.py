@@ -177,8 +177,7 @@ class Backend:
         returned), else a new array."""
         if out is None:
             return self.gemm(a, packed)
-        out[...] = self.gemm(a, packed)
-        return out
+        return self.xp.matmul(a, packed, out=out)
 
     def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
         return x.sum(axis=axis, keepdims=keepdims)

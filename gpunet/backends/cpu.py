@@ -65,13 +65,30 @@ def _l2_cache_bytes(default: int = 1 << 20) -> int:
     return default
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PackedMatrix:
     """A float32 ``(k, n)`` matrix in the compiled GEMM's panels (:meth:`CpuBackend.pack`)."""
 
     data: Array
     k: int
     n: int
+
+
+def _check_sequence(op: str, w_h: PackedMatrix, w_shape: tuple[int, int], steps: int,
+                    batch: int, **arrays: Array) -> None:
+    """The compiled recurrence reads and writes through raw pointers: the packed ``W_h``
+    must be ``w_shape`` and every array the shape that the hidden size ``min(w_shape)``
+    says, or ``op`` refuses (the step loop in NumPy would have raised)."""
+    hidden = min(w_shape)
+    if (w_h.k, w_h.n) != w_shape:
+        raise ValueError(f"{op}: the packed W_h is {(w_h.k, w_h.n)}, expected {w_shape}")
+    want = {"xg": (steps, batch, 4 * hidden), "acts": (steps, batch, 4 * hidden),
+            "dz": (steps, batch, 4 * hidden), "hs": (steps + 1, batch, hidden),
+            "cs": (steps + 1, batch, hidden), "dy": (steps, batch, hidden),
+            "dh": (batch, hidden), "dc": (batch, hidden)}
+    for name, a in arrays.items():
+        if a.shape != want[name]:
+            raise ValueError(f"{op}: {name} is {a.shape}, expected {want[name]}")
 
 
 class CpuBackend(Backend):
@@ -209,12 +226,17 @@ class CpuBackend(Backend):
         if k != packed.k:
             raise ValueError(f"gemm_packed: a is {a.shape} and the packed matrix "
                              f"{(packed.k, packed.n)}: their inner dimensions differ")
+        if a.dtype != np.float32:  # the packed matrix is float32: no silent narrowing of a
+            raise ValueError(f"gemm_packed: a must be float32 like the packed matrix, "
+                             f"got {a.dtype}")
         if out is None:
             out = np.empty((m, packed.n), np.float32)
         elif out.shape != (m, packed.n) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"gemm_packed: out must be a C-contiguous float32 {(m, packed.n)} "
                              f"array, got {out.dtype} {out.shape}")
-        if a.dtype != np.float32 or a.strides[1] != 4 or a.strides[0] < 4 * k:
+        elif np.shares_memory(a, out):  # the threads' panels would overwrite rows still read
+            raise ValueError("gemm_packed: out overlaps a")
+        if a.strides[1] != 4 or a.strides[0] < 4 * k:
             a = np.ascontiguousarray(a, np.float32)
         nested = getattr(self._local, "in_part", False)
         native.library().gemm_packed_mt(
@@ -439,6 +461,8 @@ class CpuBackend(Backend):
         if not (isinstance(w_h, PackedMatrix) and native.usable(xg, hs, cs, acts)):
             return Backend.lstm_sequence_forward(self, xg, w_h, hs, cs, acts)
         steps, batch, gates = xg.shape
+        _check_sequence("lstm_sequence_forward", w_h, (gates // 4, gates), xg=xg, acts=acts,
+                        hs=hs, cs=cs, steps=steps, batch=batch)
         native.library().lstm_sequence_forward_mt(
             xg.ctypes.data, w_h.data.ctypes.data, hs.ctypes.data, cs.ctypes.data,
             acts.ctypes.data, steps, batch, gates // 4, *self._step_threads(batch, gates // 4))
@@ -450,8 +474,10 @@ class CpuBackend(Backend):
                 and all(a.dtype == np.float32 for a in (dy, dh, dc))):
             return Backend.lstm_sequence_backward(self, dy, dh, dc, acts, cs, w_h, dz)
         dy, dh, dc = (np.ascontiguousarray(a) for a in (dy, dh, dc))
-        dh0, dc0 = np.empty_like(dh), np.empty_like(dc)
         steps, batch, hidden = dy.shape
+        _check_sequence("lstm_sequence_backward", w_h, (4 * hidden, hidden), acts=acts, dz=dz,
+                        cs=cs, dy=dy, dh=dh, dc=dc, steps=steps, batch=batch)
+        dh0, dc0 = np.empty_like(dh), np.empty_like(dc)
         native.library().lstm_sequence_backward_mt(
             dy.ctypes.data, dh.ctypes.data, dc.ctypes.data, acts.ctypes.data, cs.ctypes.data,
             w_h.data.ctypes.data, dz.ctypes.data, dh0.ctypes.data, dc0.ctypes.data, steps,
