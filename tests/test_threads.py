@@ -193,3 +193,22 @@ def test_a_bad_thread_variable_is_one_line_from_the_command_line(var, value, mes
                           env={**os.environ, var: value})
     assert done.returncode == 2
     assert done.stderr.strip() == f"gpunet train: error: {message}"
+
+
+def test_the_second_sample_comes_sooner_than_the_later_ones(monkeypatch):
+    """A short run adapts too: the first reading is a baseline, the second follows it after
+    FIRST_INTERVAL (0.1 s), every later one after INTERVAL (0.5 s)."""
+    monkeypatch.setenv("GPUNET_NUM_THREADS", "2")
+    clock = [100.0]
+    monkeypatch.setattr(threads, "_monotonic", lambda: clock[0])
+    threads.current()
+    readings = iter([S(100.0, 0.0, 0.0), S(100.1, 0.1, 0.0), S(100.6, 0.6, 0.0)])
+    monkeypatch.setattr(threads._policy, "read", lambda: next(readings))
+    threads._policy.sample, threads._next = None, float("-inf")
+    assert threads.current() == 2 and threads._next == pytest.approx(100.0 + threads.FIRST_INTERVAL)
+    clock[0] = 100.05
+    assert threads.current() == 2  # not yet: no new reading
+    clock[0] = 100.1  # a neighbour took all of one core over the first 0.1 s
+    assert threads.current() == 1 and threads._next == pytest.approx(100.1 + threads.INTERVAL)
+    clock[0] = 100.6
+    assert threads.current() == 1 and threads._next == pytest.approx(100.6 + threads.INTERVAL)
