@@ -400,6 +400,10 @@ def info(args: argparse.Namespace) -> int:
     from . import threads
     from .backends import blas, native
     print(f"cpu loops: {native.status()}")
+    if native.library() is not None:
+        print("cpu gemm kernels: " + ("agree with NumPy" if native.gemm_kernels() else
+                                      "DISAGREE with NumPy on a check problem: NumPy's BLAS "
+                                      "runs their work"))
     print("cpu blas: " + (f"direct CBLAS calls into {blas.BLAS.path}" if blas.BLAS is not None
                           else "NumPy's matmul (no 64-bit CBLAS symbols found, or "
                                "GPUNET_CPU_BLAS=numpy)"))

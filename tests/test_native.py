@@ -3,6 +3,7 @@ against its NumPy code, which float64 and machines without a compiler run; the s
 fallback when the build fails."""
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -428,3 +429,33 @@ def test_packed_gemm_refuses_float64_and_an_output_that_overlaps_a():
         cpu.gemm_packed(a, packed, out=a)
     assert cpu.gemm_packed(a, packed) is not a  # PackedMatrix compares by identity
     assert packed == packed and packed != cpu.pack(f32(6, 6))
+
+
+@needs_native
+def test_the_gemm_kernels_are_checked_against_numpy_and_skipped_when_they_disagree(
+        monkeypatch):
+    """The GEMM-shaped kernels' register blocks differ per ISA and a variant may run for the
+    first time on a user's machine: checked once against NumPy, and where one is wrong the
+    CPU device keeps NumPy's BLAS for packing, correlation and weight gradient."""
+    assert native.gemm_kernels()
+    lib = native.library()
+
+    class Broken:  # the real library with one kernel off by a little
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        @staticmethod
+        def correlate_mt(x, ldx, wt, o, c, kh, kw, wp, out, length, threads):
+            lib.correlate_mt(x, ldx, wt, o, c, kh, kw, wp, out, length, threads)
+            np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_float)),
+                                  (o * length,))[-1] += 1.0
+    assert not native._gemm_kernels_agree(Broken())
+    monkeypatch.setitem(native._state, "gemm_ok", False)
+    cpu = CpuBackend(np, "cpu-test")
+    b = f32(8, 5)
+    assert isinstance(cpu.pack(b), np.ndarray)  # not a PackedMatrix: NumPy's matmul
+    x, w = f32(2, 8, 6, 6), f32(8, 8, 3, 3)
+    y = cpu.conv2d(x, w, None, (1, 1), (1, 1))[0]  # nine BLAS GEMMs
+    monkeypatch.setitem(native._state, "gemm_ok", True)
+    np.testing.assert_allclose(y, cpu.conv2d(x, w, None, (1, 1), (1, 1))[0], rtol=1e-4,
+                               atol=1e-4)

@@ -204,10 +204,11 @@ class CpuBackend(Backend):
 
     def pack(self, b: Array) -> Any:
         """:meth:`Backend.pack`: a float32 ``b`` into the compiled GEMM's panels
-        (:class:`PackedMatrix`); for float64 or without the compiled library, ``b`` with
+        (:class:`PackedMatrix`); for float64, without the compiled library or where its GEMM
+        kernels disagree with NumPy (:func:`.native.gemm_kernels`), ``b`` with
         contiguous rows (NumPy's BLAS took a transposed view 15% slower in the LSTM's steps)."""
         if not (b.ndim == 2 and b.dtype == np.float32 and 0 not in b.shape
-                and native.library() is not None):
+                and native.gemm_kernels()):
             return np.ascontiguousarray(b)
         b, trans, ld = self._blas_operand(b, False)
         k, n = (b.shape[1], b.shape[0]) if trans else b.shape
@@ -729,7 +730,8 @@ class CpuBackend(Backend):
         else one BLAS GEMM per tap."""
         o, c, kh, kw = weight.shape
         length = out.shape[1]
-        if native.usable(xc, out) and xc.shape[1] >= length + (kh - 1) * wp + kw - 1 + self._spare():
+        if (native.usable(xc, out) and native.gemm_kernels()
+                and xc.shape[1] >= length + (kh - 1) * wp + kw - 1 + self._spare()):
             wt = np.ascontiguousarray(weight.transpose(2, 3, 1, 0), np.float32)
             native.library().correlate_mt(xc.ctypes.data, xc.shape[1], wt.ctypes.data, o, c, kh,
                                           kw, wp, out.ctypes.data, length,
@@ -877,7 +879,8 @@ class CpuBackend(Backend):
                 dyc = dyp[:, qh * wp + qw:][:, :length]
             else:  # dy at the top left of x's frames, zero past (Ho, Wo)
                 dyc = self._channel_major("dy-aligned", dy[b], (0, 0), (hp, wp), 0)
-            if native.usable(xc) and dyc.dtype == np.float32 and dyc.strides[1] == 4:
+            if (native.usable(xc) and native.gemm_kernels() and dyc.dtype == np.float32
+                    and dyc.strides[1] == 4):
                 dweight_t = np.empty((c * kh * kw, o), np.float32)  # compiled: no columns
                 native.library().conv_dweight_mt(
                     xc.ctypes.data, xc.shape[1], dyc.ctypes.data, dyc.strides[0] // 4, o, c, kh,

@@ -152,6 +152,56 @@ def library() -> Any:
     return _state["lib"]
 
 
+def gemm_kernels() -> bool:
+    """Whether the library's GEMM-shaped kernels (the packed GEMM, the stride-1 correlation
+    and the convolution's weight gradient) agree with NumPy, checked once per process on
+    small problems with every kind of tail, as :mod:`.blas` checks its CBLAS calls: their
+    register blocks differ with the ISA the library was built for (AVX2, AVX-512, SSE), and
+    a variant may be running for the first time. Where they disagree the CPU device keeps
+    NumPy's BLAS for that work."""
+    if "gemm_ok" not in _state:
+        lib = library()
+        _state["gemm_ok"] = lib is not None and _gemm_kernels_agree(lib)
+    return _state["gemm_ok"]
+
+
+def _gemm_kernels_agree(lib: Any) -> bool:
+    g = np.random.default_rng(0)
+    f32 = lambda *shape: g.standard_normal(shape).astype(np.float32)  # noqa: E731
+    close = lambda got, want, k: bool(np.allclose(got, want, rtol=1e-4, atol=1e-4 * k))  # noqa: E731
+    panel = lib.packed_panel()
+    # a GEMM with row, panel and K-slice tails: 13 rows (blocks of 6 or 12), 37 columns
+    # (panels of 16 or 32), K 300 (slices of 256 or 128), B packed from its transpose
+    m, k, n = 13, 300, 37
+    a, b = f32(m, k), f32(k, n)
+    bt = np.ascontiguousarray(b.T)
+    packed = np.empty(-(-n // panel) * panel * k, np.float32)
+    lib.pack_b_mt(bt.ctypes.data, k, 1, k, n, packed.ctypes.data, 1)
+    c = np.full((m, n), np.nan, np.float32)
+    lib.gemm_packed_mt(a.ctypes.data, k, packed.ctypes.data, m, n, k, c.ctypes.data, n, 0, 1)
+    if not close(c, a.astype(np.float64) @ b, k):
+        return False
+    # a 3x3 correlation of 9 channels into 13 over 101 pixels (blocks of 6 or 8 channels x
+    # 16 or 48 pixels), and its weight gradient
+    o, ch, wp, length = 13, 9, 11, 101
+    x = f32(ch, length + 2 * wp + 2 + lib.correlate_spare())
+    w = f32(o, ch, 3, 3)
+    shifted = np.stack([x[:, i * wp + j:i * wp + j + length] for i in range(3) for j in range(3)])
+    wt = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    out = np.full((o, length), np.nan, np.float32)
+    lib.correlate_mt(x.ctypes.data, x.shape[1], wt.ctypes.data, o, ch, 3, 3, wp, out.ctypes.data,
+                     length, 1)
+    want = np.einsum("ocij,ijcp->op", w.astype(np.float64), shifted.reshape(3, 3, ch, length))
+    if not close(out, want, 9 * ch):
+        return False
+    dy = f32(o, length)
+    dwt = np.full((ch * 9, o), np.nan, np.float32)
+    lib.conv_dweight_mt(x.ctypes.data, x.shape[1], dy.ctypes.data, length, o, ch, 3, 3, wp,
+                        length, dwt.ctypes.data, 1)
+    want = np.einsum("ijcp,op->cijo", shifted.reshape(3, 3, ch, length).astype(np.float64), dy)
+    return close(dwt, want.reshape(ch * 9, o), length)
+
+
 def status() -> str:
     """Where the library was loaded from, or why the NumPy code runs instead."""
     return f"compiled ({_state['why']})" if library() is not None else f"NumPy ({_state['why']})"
