@@ -167,8 +167,12 @@ def gemm_kernels() -> bool:
 
 def _gemm_kernels_agree(lib: Any) -> bool:
     g = np.random.default_rng(0)
-    f32 = lambda *shape: g.standard_normal(shape).astype(np.float32)  # noqa: E731
-    close = lambda got, want, k: bool(np.allclose(got, want, rtol=1e-4, atol=1e-4 * k))  # noqa: E731
+
+    def f32(*shape: int) -> np.ndarray:
+        return g.standard_normal(shape).astype(np.float32)
+
+    def close(got: np.ndarray, want: np.ndarray, terms: int) -> bool:
+        return bool(np.allclose(got, want, rtol=1e-4, atol=1e-4 * terms))
     panel = lib.packed_panel()
     # a GEMM with row, panel and K-slice tails: 13 rows (blocks of 6 or 12), 37 columns
     # (panels of 16 or 32), K 300 (slices of 256 or 128), B packed from its transpose

@@ -241,10 +241,10 @@ class LSTM(_Recurrent):
     Implementation. One GEMM projects the inputs of all steps; then
     ``ops.lstm_sequence_forward`` runs the steps, each one GEMM and the cell
     (``ops.lstm_cell_forward``, a fused kernel on CUDA); ``ops.lstm_sequence_backward`` runs
-    the cell's backward and one GEMM per step; then one GEMM per weight gradient. The step GEMMs take ``W_h``
-    packed once per sequence (``ops.pack``); the CPU device runs each whole loop in one
-    compiled call. Buffers are allocated once per sequence; steps read and write views of
-    them.
+    the cell's backward and one GEMM per step; then one GEMM per weight gradient. The step
+    GEMMs take ``W_h`` packed once per sequence (``ops.pack``); the CPU device runs each whole
+    loop in one compiled call. Buffers are allocated once per sequence; steps read and write
+    views of them.
     """
 
     state_names = ("h", "c")
