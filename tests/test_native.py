@@ -459,3 +459,17 @@ def test_the_gemm_kernels_are_checked_against_numpy_and_skipped_when_they_disagr
     monkeypatch.setitem(native._state, "gemm_ok", True)
     np.testing.assert_allclose(y, cpu.conv2d(x, w, None, (1, 1), (1, 1))[0], rtol=1e-4,
                                atol=1e-4)
+
+
+def test_a_bad_gpunet_cpu_arch_is_refused_when_the_device_is_made(monkeypatch):
+    """A name the compiler does not take for -march would fail the build and leave the NumPy
+    code running without a word: refused at once, naming the variable and the value."""
+    from gpunet.errors import DeviceError
+    if native.shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler: the library is not built, nothing to refuse")
+    monkeypatch.setenv("GPUNET_CPU_ARCH", "no-such-cpu")
+    with pytest.raises(DeviceError, match="GPUNET_CPU_ARCH must be an architecture .* takes "
+                                          "for -march .*, got 'no-such-cpu'"):
+        CpuBackend(np, "cpu-bad-arch")
+    monkeypatch.setenv("GPUNET_CPU_ARCH", "haswell")
+    CpuBackend(np, "cpu-haswell")  # a real one passes

@@ -184,6 +184,8 @@ def test_a_busy_neighbour_takes_a_core():
     ("GPUNET_THREAD_POLICY", "bogus", "GPUNET_THREAD_POLICY must be one of adaptive, fixed, "
                                       "got 'bogus'"),
     ("GPUNET_NUM_THREADS", "x", "GPUNET_NUM_THREADS must be a positive integer, got 'x'"),
+    ("GPUNET_CPU_ARCH", "bogus", "GPUNET_CPU_ARCH must be an architecture g++ takes for -march "
+                                 "(native, haswell, skylake-avx512, znver3, ...), got 'bogus'"),
 ])
 def test_a_bad_thread_variable_is_one_line_from_the_command_line(var, value, message):
     """Checked when the CPU device is made: the command line says what is wrong, not that

@@ -20,11 +20,12 @@ from .base import Array, Backend
 def _cpu_threads() -> int:
     """The most threads for the CPU device's element-wise work: ``$GPUNET_NUM_THREADS``, else
     the CPUs this process may run on (:exc:`DeviceError` if the variable is not a positive
-    integer, or ``$GPUNET_THREAD_POLICY`` none of the policies: checked when the device is
-    made, not at its first parallel call). The count used at each call is
-    :func:`gpunet.threads.current`."""
+    integer, ``$GPUNET_THREAD_POLICY`` none of the policies or ``$GPUNET_CPU_ARCH`` no
+    architecture the compiler knows: checked when the device is made, not at its first
+    parallel call). The count used at each call is :func:`gpunet.threads.current`."""
     from .. import threads
     threads._env_policy()
+    native.check_arch()
     return threads.env_maximum()
 
 

@@ -87,6 +87,26 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "gpunet") / "cpu"
 
 
+def check_arch() -> None:
+    """:exc:`DeviceError` if ``$GPUNET_CPU_ARCH`` is set to a name the compiler does not take
+    for ``-march`` (checked when the CPU device is made, once per value: a bad name would
+    otherwise fail the build and leave the NumPy code running without a word)."""
+    from ..errors import DeviceError
+    arch = os.environ.get("GPUNET_CPU_ARCH", "").strip()
+    cxx = os.environ.get("CXX", "g++")
+    if (not arch or os.environ.get("GPUNET_CPU_NATIVE", "").strip() == "0"
+            or shutil.which(cxx) is None):
+        return
+    checked = _state.setdefault("arch_ok", {})
+    if arch not in checked:
+        done = subprocess.run([cxx, f"-march={arch}", "-x", "c++", "-E", "-o", os.devnull,
+                               os.devnull], capture_output=True, text=True)
+        checked[arch] = done.returncode == 0
+    if not checked[arch]:
+        raise DeviceError(f"GPUNET_CPU_ARCH must be an architecture {cxx} takes for -march "
+                          f"(native, haswell, skylake-avx512, znver3, ...), got {arch!r}")
+
+
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
