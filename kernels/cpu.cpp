@@ -448,6 +448,7 @@ static inline vfloat load(const float* p) { vfloat v; std::memcpy(&v, p, sizeof 
 static inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 #endif
 // KC: a KC x NR slice of a panel is 16 KiB, half of a 32 KiB L1d, so A's rows and C stay
+// there too
 constexpr i64 PACK_NR = VW * PACK_NV, PACK_KC = 4096 / PACK_NR;
 
 // op(B) (k, n), rows ldb apart (trans: B is stored (n, k)), into panels [p0, p1) of packed
