@@ -200,8 +200,7 @@ class CpuBackend(Backend):
         if not (self._pooled_gemm(a, b) and out.ndim == 2 and out.dtype == a.dtype
                 and out.flags.c_contiguous):
             return Backend.gemm_acc(self, out, a, b, trans_a, trans_b)
-        self._gemm_into(out, a, b, trans_a, trans_b, 1.0,
-                        self.threads or self._current_threads())
+        self._gemm_into(out, a, b, trans_a, trans_b, 1.0)
 
     def pack(self, b: Array) -> Any:
         """:meth:`Backend.pack`: a float32 ``b`` into the compiled GEMM's panels
@@ -240,13 +239,18 @@ class CpuBackend(Backend):
             raise ValueError("gemm_packed: out overlaps a")
         if a.strides[1] != 4 or a.strides[0] < 4 * k:
             a = np.ascontiguousarray(a, np.float32)
-        nested = getattr(self._local, "in_part", False)
         native.library().gemm_packed_mt(
             a.ctypes.data, a.strides[0] // 4, packed.data.ctypes.data, m, packed.n, k,
-            out.ctypes.data, packed.n, 0,
-            1 if nested or m * packed.n * k < self.GEMM_PARALLEL_MIN else
-            self.threads or self._current_threads())
+            out.ctypes.data, packed.n, 0, self._gemm_threads(m * packed.n * k))
         return out
+
+    def _gemm_threads(self, work: int, threads: int | None = None) -> int:
+        """Threads for a GEMM of ``work`` multiply-adds: one within a part of
+        :meth:`_parallel` (the other threads have parts of their own) or below
+        :attr:`GEMM_PARALLEL_MIN`, else ``threads``, :attr:`threads` or the policy's count."""
+        if getattr(self._local, "in_part", False) or work < self.GEMM_PARALLEL_MIN:
+            return 1
+        return threads or self.threads or self._current_threads()
 
     @staticmethod
     def _pooled_gemm(a: Array, b: Array) -> bool:
@@ -256,9 +260,8 @@ class CpuBackend(Backend):
                 and 0 not in (*a.shape, *b.shape))
 
     def _gemm_into(self, out: Array, a: Array, b: Array, trans_a: bool, trans_b: bool,
-                   beta: float, threads: int) -> None:
-        """``out = op(a) op(b) + beta out`` by the pool: ``threads`` pieces, one where the
-        GEMM is small or this runs within a part of :meth:`_parallel`."""
+                   beta: float, threads: int | None = None) -> None:
+        """``out = op(a) op(b) + beta out`` by the pool, in :meth:`_gemm_threads` pieces."""
         a, trans_a, lda = self._blas_operand(a, trans_a)
         b, trans_b, ldb = self._blas_operand(b, trans_b)
         m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
@@ -268,11 +271,10 @@ class CpuBackend(Backend):
                              f"dimensions differ")
         if out.shape != (m, n):
             raise ValueError(f"gemm_acc: the product is {(m, n)}, out is {out.shape}")
-        nested = getattr(self._local, "in_part", False)
         native.library().gemm_mt(blas.BLAS.pointer(out.dtype), out.dtype == np.float64,
                                  trans_a, trans_b, m, n, k, a.ctypes.data, lda, b.ctypes.data,
-                                 ldb, beta, out.ctypes.data, n,
-                                 1 if nested or m * n * k < self.GEMM_PARALLEL_MIN else threads)
+                                 ldb, beta, out.ctypes.data, n, self._gemm_threads(m * n * k,
+                                                                                   threads))
 
     @staticmethod
     def _blas_operand(a: Array, trans: bool) -> tuple[Array, bool, int]:
@@ -489,10 +491,8 @@ class CpuBackend(Backend):
     def _step_threads(self, batch: int, hidden: int) -> tuple[int, int]:
         """Threads for a recurrent step's GEMM and for its cell, as :meth:`gemm_packed` and
         :meth:`lstm_cell_forward` would pick them."""
-        gemm = (1 if getattr(self._local, "in_part", False)
-                or batch * 4 * hidden * hidden < self.GEMM_PARALLEL_MIN
-                else self.threads or self._current_threads())
-        return gemm, self._native_threads(8 * batch * 4 * hidden)
+        return (self._gemm_threads(batch * 4 * hidden * hidden),
+                self._native_threads(8 * batch * 4 * hidden))
 
     def _scratch(self, name: str, shape: Sequence[int], dtype: Any) -> Array:
         """A buffer of this thread's, reused from call to call: a fresh multi-megabyte array
@@ -723,27 +723,31 @@ class CpuBackend(Backend):
         :meth:`_correlate`'s compiled kernel, which computes its last block of pixels whole."""
         return native.library().correlate_spare() if native.library() is not None else 0
 
-    def _correlate(self, xc: Array, weight: Array, wp: int, out: Array) -> None:
-        """``out (O, L) = sum_ij weight[:, :, i, j] @ xc[:, i wp + j:][:, :L]``: for float32,
-        one compiled call that keeps blocks of ``out`` in registers over all taps
-        (``correlate`` in kernels/cpu.cpp; a block of the bn workload's second convolution on
-        one Zen 3 core: 85 GFLOP/s, against 63 for one BLAS GEMM per tap), else one BLAS GEMM
-        per tap."""
-        o, c, kh, kw = weight.shape
+    @staticmethod
+    def _taps(weight: Array) -> Array:
+        """``weight (O, C, kh, kw)`` as :meth:`_correlate` takes it, ``(kh, kw, C, O)``: laid
+        out once per convolution, not per block of samples."""
+        return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+
+    def _correlate(self, xc: Array, taps: Array, wp: int, out: Array) -> None:
+        """``out (O, L) = sum_ij taps[i, j]^T @ xc[:, i wp + j:][:, :L]`` (``taps`` from
+        :meth:`_taps`): for float32, one compiled call that keeps blocks of ``out`` in
+        registers over all taps (``correlate`` in kernels/cpu.cpp; a block of the bn
+        workload's second convolution on one Zen 3 core: 85 GFLOP/s, against 63 for one BLAS
+        GEMM per tap), else one BLAS GEMM per tap."""
+        kh, kw, c, o = taps.shape
         length = out.shape[1]
-        if (native.usable(xc, out) and native.gemm_kernels()
+        if (native.usable(xc, out, taps) and native.gemm_kernels()
                 and xc.shape[1] >= length + (kh - 1) * wp + kw - 1 + self._spare()):
-            wt = np.ascontiguousarray(weight.transpose(2, 3, 1, 0), np.float32)
-            native.library().correlate_mt(xc.ctypes.data, xc.shape[1], wt.ctypes.data, o, c, kh,
-                                          kw, wp, out.ctypes.data, length,
+            native.library().correlate_mt(xc.ctypes.data, xc.shape[1], taps.ctypes.data, o, c,
+                                          kh, kw, wp, out.ctypes.data, length,
                                           self._native_threads(out.size * c * kh * kw))
             return
-        taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))
         for i in range(kh):
             for j in range(kw):
                 start = i * wp + j
                 blas.BLAS.gemm(taps[i, j], xc[:, start:start + length], out,
-                               beta=0.0 if i == j == 0 else 1.0)
+                               beta=0.0 if i == j == 0 else 1.0, trans_a=True)
 
     def _from_channel_major(self, out: Array, frame: Sequence[int], y: Array,
                             bias: Array | None = None) -> None:
@@ -771,11 +775,13 @@ class CpuBackend(Backend):
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         y = np.empty((n, o, hp - kh + 1, wp - kw + 1), dtype=x.dtype)
 
+        taps = self._taps(weight)
+
         def block(b: slice) -> None:
             xc = self._channel_major("padded", x[b], padding, (hp, wp),
                                      (kh - 1) * wp + kw - 1 + self._spare())
             out = self._scratch("product", (o, (b.stop - b.start) * hp * wp), x.dtype)
-            self._correlate(xc, weight, wp, out)
+            self._correlate(xc, taps, wp, out)
             self._from_channel_major(out, (hp, wp), y[b], bias)
         self._over_samples(n, max(c, o) * hp * wp * x.itemsize, block)
         return y
@@ -867,7 +873,7 @@ class CpuBackend(Backend):
         # dy padded by k - 1 - p has x's padded frame when p = (k - 1) / 2 ("same"): one copy
         # of dy then serves both gradients, the weight's reading it from offset qh Wp + qw
         same = (qh, qw) == (ph, pw)
-        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        flipped = self._taps(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
         def block(b: slice) -> Array:
             nb = b.stop - b.start
