@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -465,6 +466,16 @@ static void pack_b(const float* b, i64 ldb, bool trans, i64 k, i64 n, float* pac
     }
 }
 
+// f(std::integral_constant<int, rows>{}) for a run-time 1 <= rows <= R: the register blocks
+// below are templates on their row count, and a matrix's last block may be short
+template <int R, class F>
+static inline void with_rows(i64 rows, F f) {
+    if constexpr (R > 1) {
+        if (rows < R) return with_rows<R - 1>(rows, f);
+    }
+    f(std::integral_constant<int, R>{});
+}
+
 // One R x PACK_NR block of C (its first `cols` columns kept) from R rows of A (a[r]: row r
 // at the slice's first k) and a kc-deep slice of a panel; added to C where `add`, else written
 template <int R>
@@ -493,16 +504,6 @@ static inline void packed_block(const float* const* a, const float* bp, i64 kc, 
     }
 }
 
-// The last m < R rows of a row block
-template <int R>
-static void packed_tail(const float* const* a, const float* bp, i64 kc, float* c, i64 ldc,
-                        i64 cols, bool add, i64 m) {
-    if constexpr (R > 1) {
-        if (m < R) return packed_tail<R - 1>(a, bp, kc, c, ldc, cols, add, m);
-    }
-    packed_block<R>(a, bp, kc, c, ldc, cols, add);
-}
-
 // C[:, panels p0..p1) = A B (+ C where `add`), B packed by pack_b, row i of A at row_of(i)
 // (A's rows need not be equally far apart: the convolution's weight gradient reads shifted
 // runs of its input as rows)
@@ -522,10 +523,8 @@ static void gemm_packed_rows(RowOf row_of, const float* packed, i64 m, i64 n, i6
                 const i64 nr = std::min<i64>(PACK_MR, m - i);
                 for (i64 r = 0; r < nr; ++r) rows[r] = row_of(i + r) + k0;
                 float* cp = c + i * ldc + p * PACK_NR;
-                if (nr == PACK_MR)
-                    packed_block<PACK_MR>(rows, bp, kc, cp, ldc, cols, add_here);
-                else
-                    packed_tail<PACK_MR - 1>(rows, bp, kc, cp, ldc, cols, add_here, nr);
+                with_rows<PACK_MR>(nr, [&](auto r) {
+                    packed_block<decltype(r)::value>(rows, bp, kc, cp, ldc, cols, add_here); });
             }
         }
     }
@@ -571,16 +570,6 @@ static inline void correlate_block(const float* x, i64 ldx, const float* wt, i64
         for (int v = 0; v < CONV_NV; ++v) store(out + r * ldo + v * VW, acc[r][v]);
 }
 
-// The last o < R output channels
-template <int R>
-static void correlate_tail(const float* x, i64 ldx, const float* wt, i64 o, const i64* offsets,
-                           i64 taps, i64 c, float* out, i64 ldo, i64 rows) {
-    if constexpr (R > 1) {
-        if (rows < R) return correlate_tail<R - 1>(x, ldx, wt, o, offsets, taps, c, out, ldo, rows);
-    }
-    correlate_block<R>(x, ldx, wt, o, offsets, taps, c, out, ldo);
-}
-
 // Pixels [p0, p1) of out; x's rows readable CONV_PIX columns past L - 1 + the largest offset
 // (the last block of pixels is computed whole, into a scratch block)
 static void correlate(const float* x, i64 ldx, const float* wt, i64 o, i64 c, i64 kh, i64 kw,
@@ -597,11 +586,9 @@ static void correlate(const float* x, i64 ldx, const float* wt, i64 o, i64 c, i6
             const bool whole = cols == CONV_PIX;
             float* dst = whole ? out + m * length + p : part;
             const i64 ld = whole ? length : CONV_PIX;
-            if (rows == CONV_MR)
-                correlate_block<CONV_MR>(x + p, ldx, wt + m, o, offsets.data(), taps, c, dst, ld);
-            else
-                correlate_tail<CONV_MR - 1>(x + p, ldx, wt + m, o, offsets.data(), taps, c, dst,
-                                            ld, rows);
+            with_rows<CONV_MR>(rows, [&](auto r) {
+                correlate_block<decltype(r)::value>(x + p, ldx, wt + m, o, offsets.data(), taps,
+                                                    c, dst, ld); });
             if (!whole)
                 for (i64 r = 0; r < rows; ++r)
                     std::memcpy(out + (m + r) * length + p, part + r * CONV_PIX,
